@@ -1,0 +1,34 @@
+"""``bulwark``: one command, sub-commands registered here and imported lazily."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# sub-command -> (module under bulwark.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pretrain": ("pretrain", "pre-train a feature extractor with a defense"),
+    "audit": ("audit", "run FC, CP and BP against an extractor and write an ASR report"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="bulwark", description=__doc__)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # Only the chosen command's module is imported (to build its full parser); the others
+    # are listed by name so that --help works without importing torch or the web stack.
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module_name, help_text) in COMMANDS.items():
+        if name == chosen:
+            module = importlib.import_module(f"bulwark.commands.{module_name}")
+            module.add_parser(sub, name, help_text)
+        else:
+            sub.add_parser(name, help=help_text)
+    args = parser.parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""Image classifiers split into a feature extractor f(x) and one linear head.
+
+The ResNets are the CIFAR-style ones of the paper's reference code (Kuang Liu's
+pytorch-cifar): a 3x3 stride-1 stem and no max-pool, so 32x32 (or 28x28) inputs keep their
+resolution into the first stage. The ConvNet is small enough to pre-train on a CPU in seconds.
+
+Every model takes pixels in [0,1], shape (N, C, H, W); per-channel normalization is the
+model's first layer, so every attack and defense budget is in pixel units. ``features(x)``
+returns f(x), the pooled penultimate vector of shape (N, feature_dim); ``head`` is the single
+``nn.Linear(feature_dim, num_classes)`` on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, with mean and std stored as buffers in the checkpoint."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class FeatureClassifier(nn.Module):
+    """normalize -> body -> flattened feature vector f(x) -> linear head."""
+
+    def __init__(
+        self, arch: str, body: nn.Module, feature_dim: int, num_classes: int, normalize: Normalize
+    ) -> None:
+        super().__init__()
+        self.arch = arch
+        self.normalize = normalize
+        self.body = body
+        self.feature_dim = feature_dim
+        self.num_classes = num_classes
+        self.head = nn.Linear(feature_dim, num_classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """f(x): (N, C, H, W) pixels in [0,1] -> (N, feature_dim)."""
+        return torch.flatten(self.body(self.normalize(x)), 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.shortcut = _shortcut(in_planes, planes * self.expansion, stride)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+def _shortcut(in_planes: int, out_planes: int, stride: int) -> nn.Module:
+    if stride == 1 and in_planes == out_planes:
+        return nn.Identity()
+    return nn.Sequential(
+        nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes)
+    )
+
+
+def _resnet_body(
+    block: type[BasicBlock] | type[Bottleneck], blocks: Sequence[int], in_channels: int
+) -> tuple[nn.Module, int]:
+    layers: list[nn.Module] = [
+        nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
+    ]
+    in_planes = 64
+    for stage, (planes, count) in enumerate(zip((64, 128, 256, 512), blocks, strict=True)):
+        for index in range(count):
+            stride = 2 if stage > 0 and index == 0 else 1
+            layers.append(block(in_planes, planes, stride))
+            in_planes = planes * block.expansion
+    layers.append(nn.AdaptiveAvgPool2d(1))
+    return nn.Sequential(*layers), in_planes
+
+
+def _convnet_body(in_channels: int) -> tuple[nn.Module, int]:
+    def stage(cin: int, cout: int) -> list[nn.Module]:
+        return [nn.Conv2d(cin, cout, 3, 1, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(True)]
+
+    body = nn.Sequential(
+        *stage(in_channels, 32),
+        *stage(32, 32),
+        nn.MaxPool2d(2, ceil_mode=True),
+        *stage(32, 64),
+        *stage(64, 64),
+        nn.MaxPool2d(2, ceil_mode=True),
+        *stage(64, 128),
+        nn.AdaptiveAvgPool2d(1),
+    )
+    return body, 128
+
+
+def build_model(
+    arch: str,
+    *,
+    in_channels: int,
+    num_classes: int,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> FeatureClassifier:
+    """A fresh ``arch`` model ("convnet", "resnet18" or "resnet50").
+
+    Any input size works (the body ends in global average pooling); ``mean`` and ``std`` are
+    the per-channel pixel statistics of the training data (default 0.5 and 0.25).
+    """
+    if arch == "convnet":
+        body, dim = _convnet_body(in_channels)
+    elif arch == "resnet18":
+        body, dim = _resnet_body(BasicBlock, (2, 2, 2, 2), in_channels)
+    elif arch == "resnet50":
+        body, dim = _resnet_body(Bottleneck, (3, 4, 6, 3), in_channels)
+    else:
+        raise ValueError(f"arch must be one of convnet, resnet18, resnet50; got {arch!r}")
+    mean = [0.5] * in_channels if mean is None else mean
+    std = [0.25] * in_channels if std is None else std
+    if len(mean) != in_channels or len(std) != in_channels:
+        raise ValueError(f"mean and std need {in_channels} values, one per input channel")
+    return FeatureClassifier(arch, body, dim, num_classes, Normalize(mean, std))
