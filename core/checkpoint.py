@@ -114,7 +114,9 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         ) from error
     if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
         loaded = loaded["state_dict"]
-    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+    if not isinstance(loaded, dict) or not all(
+        isinstance(v, torch.Tensor) for v in loaded.values()
+    ):
         raise CheckpointError(f"{path.name} does not hold a flat state dict of tensors")
     return loaded
 
@@ -128,6 +130,11 @@ def infer_facts(state: dict[str, torch.Tensor]) -> dict[str, Any]:
         raise CheckpointError(
             f"weights lack {missing}: not a Bulwark model (expected body.*, head.*, normalize.*)"
         ) from None
+    if stem.ndim != 4 or head.ndim != 2:
+        raise CheckpointError(
+            f"body.0.weight {tuple(stem.shape)} and head.weight {tuple(head.shape)} are not a "
+            "conv kernel and a linear weight: not a Bulwark model"
+        )
     if "body.3.conv1.weight" in state:
         arch = "resnet50" if any(".conv3." in k for k in state) else "resnet18"
     else:
@@ -159,21 +166,23 @@ def load_extractor(path: str | Path, manifest: dict[str, Any] | None = None) -> 
         weights = path / WEIGHTS_NAME
         if manifest is None and (path / MANIFEST_NAME).is_file():
             manifest = json.loads((path / MANIFEST_NAME).read_text())
-        if manifest and manifest.get("weights_sha256"):
-            actual = sha256_file(weights) if weights.is_file() else None
-            if actual is not None and actual != manifest["weights_sha256"]:
-                raise CheckpointError(
-                    f"{weights} sha256 {actual} does not match the manifest's "
-                    f"{manifest['weights_sha256']}"
-                )
     else:
         weights = path
+    if manifest and manifest.get("weights_sha256"):
+        actual = sha256_file(weights) if weights.is_file() else None
+        if actual is not None and actual != manifest["weights_sha256"]:
+            raise CheckpointError(
+                f"{weights} sha256 {actual} does not match the manifest's "
+                f"{manifest['weights_sha256']}"
+            )
     state = read_weights(weights)
     facts = infer_facts(state)
     merged = {**facts, **(manifest or {})}
     for key in ("arch", "in_channels", "num_classes"):
         if merged[key] != facts[key]:
-            raise CheckpointError(f"manifest says {key}={merged[key]!r}, weights say {facts[key]!r}")
+            raise CheckpointError(
+                f"manifest says {key}={merged[key]!r}, weights say {facts[key]!r}"
+            )
     norm = merged.get("normalization") or {}
     model = build_model(
         facts["arch"],
@@ -182,7 +191,10 @@ def load_extractor(path: str | Path, manifest: dict[str, Any] | None = None) -> 
         mean=norm.get("mean"),
         std=norm.get("std"),
     )
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # tensor shapes that do not fit the architecture
+        raise CheckpointError(f"weights do not fit {facts['arch']}: {error}") from error
     missing = [k for k in result.missing_keys if not k.startswith("normalize.")]
     if missing or result.unexpected_keys:
         raise CheckpointError(

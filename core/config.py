@@ -178,7 +178,7 @@ def pretrain_config(
     ``warmup_epochs`` overrides win over the scaled ones.
     """
     recipe = recipe or default_recipe(dataset)
-    if recipe not in RECIPES:
+    if recipe not in RECIPES or defense not in RECIPES[recipe]:
         # Let pydantic build the error so it reads like every other bad field.
         return PretrainConfig(dataset=dataset, defense=defense, recipe=recipe)
     schedule = RECIPES[recipe][defense]
@@ -195,3 +195,72 @@ def pretrain_config(
     }
     values.update({k: v for k, v in overrides.items() if v is not None})
     return PretrainConfig.model_validate(values)
+
+
+AttackName = Literal["fc", "cp", "bp"]
+# The paper's target/poison pairs (Appendix A) by CIFAR-10 class index: airplane/horse,
+# bird/automobile, deer/automobile, frog/cat.
+PAPER_PAIRS: tuple[tuple[int, int], ...] = ((0, 7), (2, 1), (4, 1), (6, 3))
+
+
+class AuditConfig(BaseModel):
+    """Everything a poisoning audit depends on (the paper's protocol, Appendix A).
+
+    Pixel budgets and step sizes are in [0,1] pixel units. The attacks' own settings
+    (``fc_*``, ``polytope_*``) are documented in ``core.attacks``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field(min_length=1, description="checkpoint folder or weights file")
+    dataset: str = Field(min_length=1, description="a name in DATASETS or an image-folder path")
+    data_dir: str | None = Field(None, description="where the dataset's files are")
+    split: SplitConfig | None = None  # None: core.data.default_split(dataset)
+
+    attacks: tuple[AttackName, ...] = Field(("fc", "cp", "bp"), min_length=1)
+    pairs: tuple[tuple[int, int], ...] = Field(PAPER_PAIRS, min_length=1)  # (target, poison)
+    targets_per_pair: int = Field(10, ge=1, le=10_000)  # test images attacked per pair
+    iterations: int = Field(500, ge=1, le=100_000)  # optimization steps per attack
+    delta: float = Field(25.5 / 255, ge=0, le=1)  # l_inf budget around each base image
+
+    fc_poisons: int = Field(1, ge=1, le=100)  # poisons per FC instance
+    fc_step: float = Field(0.25 * 25.5 / 255, gt=0, le=1)  # l_inf size of FC's first step
+    fc_mu: float = Field(0.1, ge=0, le=1e6)  # FC's proximity weight (core.attacks)
+    polytope_poisons: int = Field(5, ge=1, le=100)  # poisons per CP / BP instance
+    polytope_lr: float = Field(0.04, gt=0, le=1)  # Adam step on CP / BP poisons, pixels
+    cp_coefficient_steps: int = Field(10, ge=1, le=10_000)  # simplex steps per CP iteration
+
+    # Re-training of the linear head on frozen features (Appendix A: Adam, 100 epochs).
+    retrain_epochs: int = Field(100, ge=1, le=100_000)
+    retrain_lr: float = Field(0.1, gt=0, le=10)
+    retrain_milestones: tuple[int, ...] = (60, 80)  # epochs after which lr *= retrain_gamma
+    retrain_gamma: float = Field(0.1, gt=0, le=1)
+    retrain_batch_size: int = Field(64, ge=1, le=1_000_000)  # images per Adam step
+
+    eval_images: int | None = Field(None, ge=1)  # test images for Pre./Re. Acc; None: all
+    attack_batch_size: int | None = Field(None, ge=1)  # images per forward; None: all at once
+    seed: int = Field(0, ge=0, le=2**32 - 1)  # chooses targets and bases; seeds re-training
+    precision: Precision = "auto"  # auto: bfloat16 autocast on CUDA and on CPUs with AMX
+    device: str | None = None  # None: cuda when present, else cpu
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if len(set(self.attacks)) != len(self.attacks):
+            raise ValueError(f"attacks must not repeat, got {self.attacks}")
+        for target, poison in self.pairs:
+            if target < 0 or poison < 0 or target == poison:
+                raise ValueError(
+                    f"pairs must be (target class, poison class) of two different class "
+                    f"indices >= 0, got ({target}, {poison})"
+                )
+        if len(set(self.pairs)) != len(self.pairs):
+            raise ValueError(f"pairs must not repeat, got {self.pairs}")
+        milestones = self.retrain_milestones
+        if list(milestones) != sorted(set(milestones)):
+            raise ValueError(f"retrain_milestones must be strictly increasing, got {milestones}")
+        if any(not 1 <= m < self.retrain_epochs for m in milestones):
+            raise ValueError(
+                f"retrain_milestones must lie in [1, retrain_epochs - 1] = "
+                f"[1, {self.retrain_epochs - 1}], got {milestones}"
+            )
+        return self

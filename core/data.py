@@ -5,8 +5,9 @@ downloaded. Formats:
 
 - ``cifar10``: the python pickle batches (``data_batch_1..5``, ``test_batch``, ``batches.meta``)
   in ``data_dir`` or its ``cifar-10-batches-py`` sub-folder. These are the dataset's own
-  pickles, read with a restricted unpickler that only builds dicts, lists, strings, bytes and
-  numbers: no object named in the file is ever imported.
+  pickles, read with a restricted unpickler that only builds dicts, lists, strings, bytes,
+  numbers and numpy arrays of plain (non-object) dtypes: no other object named in the file is
+  ever imported.
 - ``tiny-imagenet``: the ``tiny-imagenet-200`` layout (``wnids.txt``, ``words.txt``,
   ``train/<wnid>/images/*.JPEG``, ``val/val_annotations.txt`` + ``val/images``); ``val`` is the
   labelled test set.
@@ -24,6 +25,7 @@ import gzip
 import io
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -200,10 +202,15 @@ def read_idx(path: Path) -> np.ndarray:
     """One IDX file (plain or gzipped) as a numpy array of its declared shape."""
     raw = path.read_bytes()
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError, zlib.error) as error:
+            raise DatasetError(f"{path} is not a readable gzip file: {error}") from error
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
         raise DatasetError(f"{path} is not an IDX file (bad magic number)")
     dtype, ndim = np.dtype(_IDX_TYPES[raw[2]]), raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise DatasetError(f"{path}: IDX header declares {ndim} dimensions but is truncated")
     shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
     body = raw[4 + 4 * ndim :]
     if len(body) != int(np.prod(shape)) * dtype.itemsize:
@@ -235,18 +242,78 @@ def _read_idx_dataset(name: str, root: Path, classes: tuple[str, ...]) -> ImageD
 # ---- CIFAR-10 -------------------------------------------------------------------------------
 
 
+def _plain_dtype(*args: object) -> np.dtype:
+    dtype = np.dtype(*args)  # type: ignore[call-overload]
+    if dtype.hasobject:
+        raise DatasetError("refusing an object dtype: a CIFAR batch holds plain data")
+    return dtype
+
+
+class _NdarrayToken:
+    """``numpy.ndarray`` in a pickle, fresh per reference: only ``_reconstruct`` takes it."""
+
+
+def _plain_reconstruct(subtype: object, shape: object, dtype: object) -> np.ndarray:
+    if not isinstance(subtype, _NdarrayToken):
+        raise DatasetError(f"refusing to build {subtype!r}: a CIFAR batch holds plain arrays")
+    return np.ndarray(shape, _plain_dtype(dtype))  # type: ignore[arg-type]
+
+
+def _plain_frombuffer(
+    buf: bytes, dtype: object, shape: object, order: object, *_: object
+) -> np.ndarray:
+    return np.frombuffer(buf, dtype=_plain_dtype(dtype)).reshape(shape, order=order)
+
+
+def _latin1_encode(text: str, encoding: str = "utf-8") -> bytes:
+    if encoding != "latin1" or not isinstance(text, str):
+        raise DatasetError("refusing _codecs.encode outside the pickle protocol 2 bytes idiom")
+    return text.encode("latin1")
+
+
+def _empty_bytes(*args: object) -> bytes:
+    if args:
+        raise DatasetError("refusing bytes(...) with arguments: a CIFAR batch holds plain data")
+    return b""
+
+
+# The only globals a CIFAR batch may name: what numpy (1.x writes numpy.core, 2.x numpy._core;
+# protocol 5 uses _frombuffer) and protocol-2 bytes need to rebuild plain arrays and bytes. Each
+# maps to a local function that refuses object dtypes, so nothing arbitrary is ever called.
+_PICKLE_GLOBALS: dict[tuple[str, str], object] = {
+    ("numpy", "ndarray"): _NdarrayToken,
+    ("numpy", "dtype"): _plain_dtype,
+    ("numpy.core.multiarray", "_reconstruct"): _plain_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _plain_reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _plain_frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _plain_frombuffer,
+    ("_codecs", "encode"): _latin1_encode,
+    ("__builtin__", "bytes"): _empty_bytes,  # b"" in a Python 3 protocol 0-2 pickle
+    ("builtins", "bytes"): _empty_bytes,
+}
+
+
 class _PlainDataUnpickler(pickle.Unpickler):
-    """Builds only built-in containers and scalars; refuses every global (class or function)."""
+    """Builds only built-in containers, scalars and plain numpy arrays; refuses other globals."""
 
     def find_class(self, module: str, name: str) -> object:
-        raise DatasetError(f"refusing to load {module}.{name}: a CIFAR batch holds plain data")
+        allowed = _PICKLE_GLOBALS.get((module, name))
+        if allowed is None:
+            raise DatasetError(f"refusing to load {module}.{name}: a CIFAR batch holds plain data")
+        # Fresh objects per load: a pickle's BUILD opcode may set attributes on what it gets
+        # here, and must not reach the module's own functions.
+        if allowed is _NdarrayToken:
+            return _NdarrayToken()
+        return lambda *args: allowed(*args)  # type: ignore[operator]
 
 
 def _load_cifar_batch(path: Path) -> dict:
     try:
         with path.open("rb") as handle:
             batch = _PlainDataUnpickler(handle, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError) as error:
+    except DatasetError:
+        raise
+    except Exception as error:  # a corrupt pickle can raise almost any type
         raise DatasetError(f"{path} is not a CIFAR-10 pickle batch: {error}") from error
     if not isinstance(batch, dict):
         raise DatasetError(f"{path} does not hold a CIFAR-10 batch dict")
@@ -266,9 +333,10 @@ def _cifar_arrays(batch: dict, path: Path) -> tuple[np.ndarray, np.ndarray]:
 def _read_cifar10(root: Path) -> ImageDataset:
     if (root / "cifar-10-batches-py").is_dir():
         root = root / "cifar-10-batches-py"
-    train = [_cifar_arrays(_load_cifar_batch(_find(root, f"data_batch_{i}")), root) for i in
-             range(1, 6)]  # fmt: skip
-    test_x, test_y = _cifar_arrays(_load_cifar_batch(_find(root, "test_batch")), root)
+    paths = [_find(root, f"data_batch_{i}") for i in range(1, 6)]
+    train = [_cifar_arrays(_load_cifar_batch(path), path) for path in paths]
+    test_path = _find(root, "test_batch")
+    test_x, test_y = _cifar_arrays(_load_cifar_batch(test_path), test_path)
     classes: tuple[str, ...] = (
         "airplane", "automobile", "bird", "cat", "deer",
         "dog", "frog", "horse", "ship", "truck",
@@ -295,8 +363,11 @@ def _read_cifar10(root: Path) -> ImageDataset:
 def _read_image(path: Path, mode: str) -> np.ndarray:
     from PIL import Image
 
-    with Image.open(path) as image:
-        array = np.asarray(image.convert(mode), dtype=np.uint8)
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image.convert(mode), dtype=np.uint8)
+    except OSError as error:  # missing, truncated or not an image (PIL's errors are OSErrors)
+        raise DatasetError(f"cannot read image {path}: {error}") from error
     return array[:, :, None] if array.ndim == 2 else array
 
 
@@ -316,6 +387,8 @@ def _image_mode(sample: Path) -> str:
 
 
 def _images_in(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise DatasetError(f"missing image folder {folder}")
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
@@ -357,7 +430,9 @@ def _read_tiny_imagenet(root: Path) -> ImageDataset:
     names = dict(wnids=wnids)
     words = root / "words.txt"
     if words.is_file():
-        lookup = dict(line.split("\t", 1) for line in words.read_text().splitlines() if "\t" in line)
+        lookup = dict(
+            line.split("\t", 1) for line in words.read_text().splitlines() if "\t" in line
+        )
         names["wnids"] = [lookup.get(w, w).split(",")[0].strip() for w in wnids]
 
     train_paths, train_labels = [], []

@@ -1,0 +1,304 @@
+"""Robust pre-training: train a feature extractor with one of the paper's defenses.
+
+``pretrain(config, out_dir=...)`` reads the dataset, takes the pre-training part of the
+paper's split, trains with SGD (momentum, weight decay, step schedule) under the defense's
+loss, measures the test accuracy (Pre. Acc) and writes the hardened checkpoint
+(``model.safetensors`` + ``manifest.json``). After every epoch it writes a resumable training
+state (model, optimizer, scheduler, centroids, RNG state, epoch); calling ``pretrain`` again
+with the same ``work_dir`` continues from the last finished epoch and ends with the same
+weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.checkpoint import MANIFEST_NAME, save_extractor
+from core.config import PretrainConfig
+from core.data import (
+    ImageDataset,
+    augment,
+    channel_stats,
+    default_split,
+    load_dataset,
+    split_dataset,
+    to_float,
+)
+from core.device import autocast, resolve_device, resolve_precision, uses_channels_last
+from core.losses import DefenseLoss
+from core.models import FeatureClassifier, build_model
+from core.progress import Progress, ProgressCallback, ignore_progress
+
+STATE_NAME = "train_state.pt"
+STATE_FORMAT = 1
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot go on, with a message the user can act on."""
+
+
+@dataclass(frozen=True)
+class PretrainResult:
+    model_dir: Path  # holds model.safetensors and manifest.json
+    pre_acc: float  # clean test accuracy in [0,1]
+    manifest: dict[str, Any]
+    seconds: float  # wall time of this call (a resumed run counts only its own part)
+
+
+@torch.no_grad()
+def evaluate(
+    model: FeatureClassifier,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    batch_size: int = 512,
+    dtype: torch.dtype = torch.float32,
+) -> float:
+    """Clean accuracy of ``model`` on uint8 images ``x`` (N, C, H, W) and labels ``y``."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = 0
+    for start in range(0, len(x), batch_size):
+        batch = to_float(x[start : start + batch_size].to(device))
+        with autocast(device, dtype):
+            logits = model(batch)
+        correct += int((logits.argmax(1) == y[start : start + batch_size].to(device)).sum())
+    model.train(was_training)
+    return correct / max(1, len(x))
+
+
+def _lr_factor(config: PretrainConfig, epoch: int) -> float:
+    """The learning-rate multiplier in force during ``epoch`` (0-based)."""
+    return config.lr_gamma ** sum(epoch >= m for m in config.milestones)
+
+
+def _state_config(config: PretrainConfig) -> dict[str, Any]:
+    # Device and precision may change between an interrupted run and its resumption.
+    return config.model_dump(mode="json", exclude={"device", "precision"})
+
+
+def pretrain(
+    config: PretrainConfig,
+    *,
+    out_dir: Path,
+    work_dir: Path | None = None,
+    progress: ProgressCallback = ignore_progress,
+    dataset: ImageDataset | None = None,
+) -> PretrainResult:
+    """Pre-train ``config.arch`` with ``config.defense`` and write the hardened checkpoint.
+
+    Args:
+        config: the full run description (see :class:`core.config.PretrainConfig`).
+        out_dir: where ``model.safetensors`` and ``manifest.json`` go.
+        work_dir: where the per-epoch resumable state lives (default ``out_dir``); a state
+            there from the same config is resumed, one from another config is an error.
+        progress: called after every step and epoch; raising from it stops the run, after
+            which a new call resumes from the last finished epoch.
+        dataset: the already-read dataset named by ``config`` (saves re-reading it).
+    """
+    started = time.perf_counter()
+    work_dir = work_dir or out_dir
+    device = resolve_device(config.device)
+    dtype = resolve_precision(config.precision, device)
+
+    progress(Progress(phase="loading data", fraction=0.0, message=config.dataset))
+    data = dataset or load_dataset(config.dataset, config.data_dir)
+    split_counts = config.split or default_split(config.dataset)
+    split = split_dataset(data.train_y, split_counts)
+    train_x = data.train_x[split.pretrain].to(device)
+    train_y = data.train_y[split.pretrain].to(device)
+    mean, std = channel_stats(data.train_x[split.pretrain])
+
+    torch.manual_seed(config.seed)
+    model = build_model(
+        config.arch, in_channels=data.channels, num_classes=data.num_classes, mean=mean, std=std
+    )
+    criterion = DefenseLoss(
+        config.defense,
+        num_classes=data.num_classes,
+        feature_dim=model.feature_dim,
+        alpha=config.alpha,
+        epsilon=config.epsilon,
+        pgd_steps=config.pgd_steps,
+        pgd_step_size=config.step_size,
+        random_start=config.random_start,
+        feature_term=config.feature_term,
+    )
+    model.to(device)
+    criterion.to(device)
+    if uses_channels_last(device, dtype):
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+    )
+    centroid_optimizer = torch.optim.SGD([criterion.centroids], lr=config.centroid_lr)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+
+    state_path = work_dir / STATE_NAME
+    start_epoch = 0
+    if state_path.is_file():
+        start_epoch = _resume(
+            state_path, config, model, criterion, optimizer, centroid_optimizer, generator
+        )
+
+    steps_per_epoch = -(-len(train_x) // config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    run_started, run_start_step = time.perf_counter(), start_epoch * steps_per_epoch
+    loss_value = accuracy = 0.0
+    for epoch in range(start_epoch, config.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * _lr_factor(config, epoch)
+        joint = config.uses_pcl and epoch >= config.warmup_epochs
+        model.train()
+        order = torch.randperm(len(train_x), device=device, generator=generator)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        for step in range(steps_per_epoch):
+            index = order[step * config.batch_size : (step + 1) * config.batch_size]
+            x = to_float(train_x[index])
+            if config.augment:
+                x = augment(x, flip=data.flip, generator=generator)
+            if uses_channels_last(device, dtype):
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = train_y[index]
+            result = criterion(
+                model, x, y, joint=joint, generator=generator, autocast=autocast(device, dtype)
+            )
+            if not torch.isfinite(result.loss):
+                raise TrainingError(
+                    f"the loss became {result.loss.item()} at epoch {epoch + 1}, step "
+                    f"{step + 1}: lower lr (now {config.lr}) or alpha (now {config.alpha})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            centroid_optimizer.zero_grad(set_to_none=True)
+            result.loss.backward()
+            optimizer.step()
+            if joint:
+                centroid_optimizer.step()
+            loss_sum += result.loss.detach() * len(y)
+            correct += (result.logits.argmax(1) == y).sum()
+
+            done = epoch * steps_per_epoch + step + 1
+            elapsed = time.perf_counter() - run_started
+            rate = (done - run_start_step) / elapsed if elapsed > 0 else 0.0
+            progress(
+                Progress(
+                    phase="training",
+                    fraction=0.98 * done / total_steps,
+                    epoch=epoch + 1,
+                    epochs=config.epochs,
+                    step=step + 1,
+                    steps=steps_per_epoch,
+                    eta_seconds=(total_steps - done) / rate if rate > 0 else None,
+                )
+            )
+        seen = min(len(train_x), steps_per_epoch * config.batch_size)
+        loss_value, accuracy = float(loss_sum) / seen, int(correct) / seen
+        _save_state(
+            state_path, config, epoch + 1, model, criterion, optimizer, centroid_optimizer,
+            generator,
+        )  # fmt: skip
+        progress(
+            Progress(
+                phase="training",
+                fraction=0.98 * (epoch + 1) / config.epochs,
+                message=f"epoch {epoch + 1}/{config.epochs} done",
+                epoch=epoch + 1,
+                epochs=config.epochs,
+                loss=loss_value,
+                accuracy=accuracy,
+            )
+        )
+
+    progress(Progress(phase="evaluating", fraction=0.98, message="test accuracy"))
+    pre_acc = evaluate(model, data.test_x, data.test_y, dtype=dtype)
+    manifest = {
+        "kind": "pretrained-extractor",
+        "dataset": config.dataset,
+        "classes": list(data.classes),
+        "input_shape": [data.channels, *data.input_size],
+        "defense": config.defense,
+        "seed": config.seed,
+        "split": split_counts.model_dump(),
+        "config": config.model_dump(mode="json"),
+        "precision": str(dtype).removeprefix("torch."),
+        "device": device.type,
+        "pre_acc": pre_acc,
+        "final_train_loss": loss_value,
+        "final_train_accuracy": accuracy,
+    }
+    if config.uses_pcl:
+        manifest["centroids"] = criterion.centroids.detach().cpu().tolist()
+    model.to(memory_format=torch.contiguous_format)
+    save_extractor(out_dir, model, manifest)
+    progress(Progress(phase="done", fraction=1.0, message=f"Pre. Acc {pre_acc:.4f}"))
+    return PretrainResult(
+        model_dir=out_dir,
+        pre_acc=pre_acc,
+        manifest=json.loads((out_dir / MANIFEST_NAME).read_text()),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _save_state(
+    path: Path,
+    config: PretrainConfig,
+    epochs_done: int,
+    model: FeatureClassifier,
+    criterion: DefenseLoss,
+    optimizer: torch.optim.Optimizer,
+    centroid_optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> None:
+    """Write the resumable state atomically (a crash mid-write leaves the previous one)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format": STATE_FORMAT,
+        "config": _state_config(config),
+        "epochs_done": epochs_done,
+        "model": model.state_dict(),
+        "criterion": criterion.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "centroid_optimizer": centroid_optimizer.state_dict(),
+        "generator": generator.get_state(),
+        "torch_rng": torch.get_rng_state(),
+    }
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def _resume(
+    path: Path,
+    config: PretrainConfig,
+    model: FeatureClassifier,
+    criterion: DefenseLoss,
+    optimizer: torch.optim.Optimizer,
+    centroid_optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+) -> int:
+    """Load the state at ``path`` into the run's objects; returns the epochs already done."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != STATE_FORMAT or state.get("config") != _state_config(config):
+        raise TrainingError(
+            f"{path} holds a run with a different configuration; use another output "
+            "directory or delete that file to start afresh"
+        )
+    model.load_state_dict(state["model"])
+    criterion.load_state_dict(state["criterion"])
+    optimizer.load_state_dict(state["optimizer"])
+    centroid_optimizer.load_state_dict(state["centroid_optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["epochs_done"])
