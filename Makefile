@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` runs the main job, `make test` the test suite.
+# Both create the virtual environment first (PyTorch's local CPU build, then the project).
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint system bench-pretrain
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The exact pin picks the local CPU wheel; anything looser pulls GBs of CUDA wheels.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/bulwark pretrain --dataset digits --arch convnet --defense at-pcl --recipe quick \
+		--out runs/demo-at-pcl
+
+system:
+	scripts/ensure-system
+
+test: $(STAMP) system
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+bench-pretrain: $(STAMP)
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python bench/bench_pretrain.py
