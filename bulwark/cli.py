@@ -10,12 +10,19 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("pretrain", "pre-train a feature extractor with a defense"),
     "audit": ("audit", "run FC, CP and BP against an extractor and write an ASR report"),
+    "serve": ("serve", "serve the HTTP API (and, embedded, a worker beside it)"),
+    "worker": ("worker", "start a Celery worker on the GPU queue"),
+    "tenants": ("tenants", "create tenants and their API keys"),
+    "db": ("db", "migrate the database (Alembic)"),
+    "demo": ("demo", "run the whole service end to end on a bundled dataset"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="bulwark", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="bulwark", description="Bulwark: robust pre-training and poisoning audits."
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # Only the chosen command's module is imported (to build its full parser); the others
     # are listed by name so that --help works without importing torch or the web stack.

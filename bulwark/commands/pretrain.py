@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -53,6 +54,14 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
         "--split",
         help="per-class PRETRAIN:RETRAIN:POOL counts (default 4800:50:150, digits 100:10:25)",
     )
+    group.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other PretrainConfig field, e.g. --set momentum=0.8 --set milestones=[3,6]",
+    )
     group.add_argument("--precision", choices=("auto", "float32", "bfloat16"))
     group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     parser.set_defaults(run=run)
@@ -68,6 +77,20 @@ def _split(text: str | None) -> SplitConfig | None:
             f"--split: expected PRETRAIN:RETRAIN:POOL integers, got {text!r}"
         ) from None
     return SplitConfig(pretrain=pretrain, retrain=retrain, pool=pool)
+
+
+def _settings(pairs: list[str]) -> dict[str, object]:
+    """``FIELD=VALUE`` pairs; a VALUE that parses as JSON is taken as such, else as a string."""
+    settings: dict[str, object] = {}
+    for pair in pairs:
+        field, sep, value = pair.partition("=")
+        if not sep or not field:
+            raise SystemExit(f"--set: expected FIELD=VALUE, got {pair!r}")
+        try:
+            settings[field.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            settings[field.replace("-", "_")] = value
+    return settings
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
             split=_split(args.split),
             precision=args.precision,
             device=args.device,
+            **_settings(args.settings),
         )
     except ValidationError as error:
         print(f"bulwark pretrain: invalid settings:\n{error}", file=sys.stderr)
