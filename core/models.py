@@ -13,6 +13,7 @@ returns f(x), the pooled penultimate vector of shape (N, feature_dim); ``head`` 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 import torch
 from torch import nn
@@ -159,3 +160,73 @@ def build_model(
     if len(mean) != in_channels or len(std) != in_channels:
         raise ValueError(f"mean and std need {in_channels} values, one per input channel")
     return FeatureClassifier(arch, body, dim, num_classes, Normalize(mean, std))
+
+
+def _conv_bn_pairs(module: nn.Module) -> list[tuple[str, str]]:
+    """(conv name, batch-norm name) of every Conv2d directly followed by a BatchNorm2d.
+
+    Covers the layouts of this module's models: consecutive entries of an ``nn.Sequential``
+    and the ``convN``/``bnN`` attributes of the residual blocks.
+    """
+    pairs = []
+    for name, child in module.named_modules():
+        prefix = f"{name}." if name else ""
+        if isinstance(child, nn.Sequential):
+            entries = list(child.named_children())
+            for (a, first), (b, second) in pairwise(entries):
+                if isinstance(first, nn.Conv2d) and isinstance(second, nn.BatchNorm2d):
+                    pairs.append((prefix + a, prefix + b))
+        elif isinstance(child, BasicBlock | Bottleneck):
+            for index in (1, 2, 3):
+                if hasattr(child, f"conv{index}"):
+                    pairs.append((f"{prefix}conv{index}", f"{prefix}bn{index}"))
+    return pairs
+
+
+class FoldedBatchNorm:
+    """An inference copy of a model with every BatchNorm folded into the preceding conv.
+
+    In eval mode a BatchNorm is a per-channel affine map, so ``bn(conv(x))`` equals one conv
+    with weight ``W * s`` and bias ``beta - mean * s`` (``s = gamma / sqrt(var + eps)``). The
+    copy computes the same function as ``source.eval()`` (to float rounding) with one pass
+    over memory fewer per layer, which is what input-gradient loops (PGD, poison crafting)
+    spend their time on. Its parameters never require grad. ``refresh()`` re-derives its
+    weights from the source in place, cheaply, after the source was trained further.
+    """
+
+    def __init__(self, source: FeatureClassifier) -> None:
+        import copy
+
+        self.source = source
+        self.model = copy.deepcopy(source).eval()
+        self._pairs = _conv_bn_pairs(self.model)
+        self._eps = {bn: self.model.get_submodule(bn).eps for _, bn in self._pairs}
+        for conv_name, bn_name in self._pairs:
+            conv = self.model.get_submodule(conv_name)
+            if conv.bias is None:
+                conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device))
+            parent, _, attr = bn_name.rpartition(".")
+            setattr(self.model.get_submodule(parent) if parent else self.model, attr, nn.Identity())
+        self.model.requires_grad_(False)
+        self.refresh()
+
+    @torch.no_grad()
+    def refresh(self) -> FeatureClassifier:
+        """Copy the source's current weights and statistics in, folded; returns the model."""
+        folded = dict(self.model.named_parameters()) | dict(self.model.named_buffers())
+        source = dict(self.source.named_parameters()) | dict(self.source.named_buffers())
+        folded_convs = {conv for conv, _ in self._pairs}
+        for name, tensor in folded.items():
+            if name.rpartition(".")[0] not in folded_convs:
+                tensor.copy_(source[name])
+        for conv_name, bn_name in self._pairs:
+            weight = source[f"{bn_name}.weight"]
+            scale = weight / torch.sqrt(source[f"{bn_name}.running_var"] + self._eps[bn_name])
+            folded[f"{conv_name}.weight"].copy_(
+                source[f"{conv_name}.weight"] * scale.view(-1, 1, 1, 1)
+            )
+            bias = source[f"{bn_name}.bias"] - source[f"{bn_name}.running_mean"] * scale
+            if f"{conv_name}.bias" in source:
+                bias = bias + source[f"{conv_name}.bias"] * scale
+            folded[f"{conv_name}.bias"].copy_(bias)
+        return self.model

@@ -145,3 +145,25 @@ def test_normalization_of_the_wrong_length_raises_value_error(
 ) -> None:
     with pytest.raises(ValueError, match="3 values"):
         build_model("convnet", in_channels=3, num_classes=10, mean=mean, std=std)
+
+
+@pytest.mark.parametrize("arch", ["convnet", "resnet18", "resnet50"])
+def test_folded_batchnorm_computes_the_eval_model_and_follows_refresh(arch: str) -> None:
+    from core.models import FoldedBatchNorm
+
+    torch.manual_seed(0)
+    model = build_model(arch, in_channels=3, num_classes=4)
+    with torch.no_grad():
+        model.train()(torch.rand(8, 3, 16, 16))  # non-trivial running statistics
+    model.eval()
+    folded = FoldedBatchNorm(model)
+    x = torch.rand(2, 3, 16, 16)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.model.modules())
+    assert not any(p.requires_grad for p in folded.model.parameters())
+    with torch.no_grad():
+        assert torch.allclose(folded.model.features(x), model.features(x), atol=1e-5)
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+        stale = folded.model(x).clone()
+        assert torch.allclose(folded.refresh()(x), model(x), atol=1e-5)
+        assert not torch.allclose(stale, model(x), atol=1e-5)
