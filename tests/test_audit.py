@@ -1,0 +1,234 @@
+"""The audit protocol: batched head re-training, baselines, the report and the CLI.
+
+Mechanics run on a ConvNet pre-trained on sklearn's digits; attack strength (each attack beats
+the baseline on an undefended model, and adversarial pre-training lowers BP's ASR) runs on a
+Fashion-MNIST subset, the largest real image set these machines have.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from core.audit import (
+    SCHEMA_VERSION,
+    AuditError,
+    HeadSchedule,
+    choose_instances,
+    fresh_head,
+    retrain_heads,
+    run_audit,
+    wilson_interval,
+)
+from core.checkpoint import save_extractor
+from core.config import AuditConfig
+from core.data import default_split, load_dataset, split_dataset
+
+
+@pytest.fixture(scope="module")
+def digits_checkpoint(digits_extractor, tmp_path_factory) -> Path:
+    """The shared digits extractor as a checkpoint folder, which is what run_audit reads."""
+    loaded = digits_extractor("none")
+    out = tmp_path_factory.mktemp("digits-checkpoint")
+    save_extractor(out, loaded.model, loaded.manifest)
+    return out
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits")
+
+
+def _digits_config(model: Path, **overrides) -> AuditConfig:
+    settings = {
+        "model": str(model),
+        "dataset": "digits",
+        "pairs": ((0, 7), (2, 1), (4, 1)),
+        "targets_per_pair": 2,
+        "iterations": 10,
+        "polytope_poisons": 3,
+        "retrain_epochs": 10,
+        "retrain_milestones": (6, 8),
+        **overrides,
+    }
+    return AuditConfig(**settings)
+
+
+# ---- batched re-training ---------------------------------------------------------------------
+
+
+def _one_head_alone(clean_x, clean_y, extra_x, extra_y, weight, bias, schedule, seed):
+    """The plain reference: one nn.Linear, torch.optim.Adam, the same batches."""
+    head = torch.nn.Linear(clean_x.shape[1], weight.shape[0])
+    with torch.no_grad():
+        head.weight.copy_(weight)
+        head.bias.copy_(bias)
+    optimizer = torch.optim.Adam(head.parameters(), lr=schedule.lr)
+    x, y = torch.cat([clean_x, extra_x]), torch.cat([clean_y, extra_y])
+    generator = torch.Generator().manual_seed(seed)
+    for epoch in range(schedule.epochs):
+        for group in optimizer.param_groups:
+            group["lr"] = schedule.lr_at(epoch)
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), schedule.batch_size):
+            batch = order[start : start + schedule.batch_size]
+            loss = torch.nn.functional.cross_entropy(head(x[batch]), y[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return head.weight.detach(), head.bias.detach()
+
+
+def test_batched_retraining_equals_a_per_instance_loop():
+    generator = torch.Generator().manual_seed(0)
+    n, dim, classes, heads, k = 70, 16, 4, 5, 3
+    clean_x = torch.randn(n, dim, generator=generator)
+    clean_y = torch.randint(0, classes, (n,), generator=generator)
+    extra_x = torch.randn(heads, k, dim, generator=generator) + 1.0
+    extra_y = torch.randint(0, classes, (heads, 1), generator=generator).expand(-1, k)
+    weight, bias = fresh_head(classes, dim, seed=3, device=torch.device("cpu"))
+    schedule = HeadSchedule(epochs=12, lr=0.1, milestones=(6, 9), batch_size=16)
+
+    weights, biases = retrain_heads(
+        clean_x, clean_y, extra_x, extra_y,
+        init_weight=weight, init_bias=bias, schedule=schedule, seed=7,
+    )  # fmt: skip
+
+    assert weights.shape == (heads, classes, dim) and biases.shape == (heads, classes)
+    for h in range(heads):
+        w, b = _one_head_alone(
+            clean_x, clean_y, extra_x[h], extra_y[h], weight, bias, schedule, seed=7
+        )
+        torch.testing.assert_close(weights[h], w, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(biases[h], b, atol=1e-4, rtol=1e-4)
+    # The heads did learn: each fits its own extra images.
+    logits = torch.einsum("hkd,hcd->hkc", extra_x, weights) + biases[:, None]
+    assert float((logits.argmax(-1) == extra_y).float().mean()) > 0.9
+
+
+def test_wilson_interval():
+    low, high = wilson_interval(0, 40)
+    assert low == 0.0 and high == pytest.approx(0.0876, abs=1e-4)
+    low, high = wilson_interval(20, 40)
+    assert low == pytest.approx(0.3520, abs=1e-4) and high == pytest.approx(0.6480, abs=1e-4)
+    assert wilson_interval(40, 40)[1] == 1.0
+
+
+# ---- protocol ----------------------------------------------------------------------------------
+
+
+def test_instances_are_drawn_from_the_seed_and_the_right_sets(digits):
+    split = split_dataset(digits.train_y, default_split("digits"))
+    pairs = ((0, 7), (2, 1))
+    first = choose_instances(digits, split.pool, pairs, 3, 5, seed=1)
+    assert first == choose_instances(digits, split.pool, pairs, 3, 5, seed=1)
+    assert first != choose_instances(digits, split.pool, pairs, 3, 5, seed=2)
+    pool = set(split.pool.tolist())
+    for instance in first:
+        assert int(digits.test_y[instance.target_index]) == instance.target_class
+        assert len(set(instance.base_indices)) == 5 and set(instance.base_indices) <= pool
+        assert all(int(digits.train_y[i]) == instance.poison_class for i in instance.base_indices)
+    assert len({inst.target_index for inst in first}) == 6
+    with pytest.raises(AuditError, match="pool"):
+        choose_instances(digits, split.pool, pairs, 3, 1000, seed=1)
+
+
+def test_zero_budget_gives_the_baseline(digits_checkpoint, digits):
+    report = run_audit(_digits_config(digits_checkpoint, delta=0.0), dataset=digits)
+    for name in ("fc", "cp", "bp"):
+        result = report["attacks"][name]
+        assert result["asr"] == result["baseline"]["rate"]
+        for row in result["rows"]:
+            assert row["success"] == row["baseline_success"]
+            assert row["linf"] == 0.0
+            assert row["poison_class_probability"] == pytest.approx(
+                row["baseline_poison_class_probability"], abs=1e-5
+            )
+
+
+def test_report_has_what_the_issue_lists(digits_checkpoint, digits, tmp_path):
+    seen = []
+    config = _digits_config(digits_checkpoint, attacks=("fc", "bp"))
+    report = run_audit(config, progress=seen.append, poisons_dir=tmp_path, dataset=digits)
+    json.dumps(report)  # JSON-able as is
+
+    assert report["schema_version"] == SCHEMA_VERSION
+    assert report["config"] == config.model_dump(mode="json") and report["seed"] == 0
+    assert report["head_init"] == "pretrained" and 0.5 < report["pre_acc"] <= 1.0
+    assert set(report["versions"]) >= {"torch", "numpy", "python"}
+    assert {"load", "features", "craft:fc", "retrain:fc", "craft:bp", "total"} <= set(
+        report["timings"]
+    )
+    assert len(report["instances"]) == 6
+    for name, k in (("fc", 1), ("bp", 3)):
+        result = report["attacks"][name]
+        assert result["instances"] == 6 and len(result["rows"]) == 6
+        assert result["asr"] == result["successes"] / 6
+        low, high = result["asr_wilson95"]
+        assert low <= result["asr"] <= high
+        assert 0.0 <= result["baseline"]["rate"] <= 1.0 and "wilson95" in result["baseline"]
+        assert set(result["re_acc"]) == {"mean", "std"} and 0.5 < result["re_acc"]["mean"] <= 1
+        assert result["max_linf"] <= config.delta + 1e-6
+        for row, instance in zip(result["rows"], report["instances"], strict=True):
+            assert row["target_index"] == instance["target_index"]
+            assert row["base_indices"] == instance["base_indices"][:k]
+            assert 0.0 <= row["poison_class_probability"] <= 1.0
+            assert row["feature_distance"] >= 0 and row["linf"] <= config.delta + 1e-6
+            assert row["objective_end"] < row["objective_start"]
+        saved = dict(__import__("numpy").load(tmp_path / f"{name}.npz"))
+        assert saved["poisons"].shape == (6, k, 1, 8, 8)
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    # Progress: phases in order, fractions never going back, ending at 1.
+    fractions = [p.fraction for p in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == pytest.approx(1.0)
+    assert seen[0].phase == "load"
+
+
+def test_bad_audits_are_refused_with_the_field_named(digits_checkpoint, digits):
+    with pytest.raises(AuditError, match="pairs"):
+        run_audit(_digits_config(digits_checkpoint, pairs=((0, 12),)), dataset=digits)
+    with pytest.raises(AuditError, match="channel"):
+        run_audit(
+            _digits_config(digits_checkpoint),
+            dataset=load_dataset("fashion-mnist").__class__(
+                "rgb", digits.train_x.expand(-1, 3, -1, -1), digits.train_y,
+                digits.test_x.expand(-1, 3, -1, -1), digits.test_y, digits.classes, False,
+            ),
+        )  # fmt: skip
+    for field, value in (
+        ("pairs", ((1, 1),)),
+        ("attacks", ("fc", "xx")),
+        ("delta", 1.5),
+        ("iterations", 0),
+        ("retrain_milestones", (80, 60)),
+        ("unknown_field", 1),
+    ):
+        with pytest.raises(ValidationError, match=field):
+            _digits_config(digits_checkpoint, **{field: value})
+
+
+def test_cli_writes_the_report_and_poisons(digits_checkpoint, tmp_path, capsys):
+    from bulwark.cli import main
+
+    out = tmp_path / "report.json"
+    code = main([
+        "audit", "--model", str(digits_checkpoint), "--dataset", "digits",
+        "--attacks", "bp", "--pairs", "0:7,2:1", "--targets-per-pair", "2",
+        "--iterations", "5", "--retrain-epochs", "5", "--out", str(out),
+        "--save-poisons", str(tmp_path / "poisons"),
+    ])  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["pairs"] == [[0, 7], [2, 1]]
+    assert report["config"]["retrain_milestones"] == [3, 4]
+    assert (tmp_path / "poisons" / "bp.npz").is_file()
+    printed = capsys.readouterr().out
+    assert "bp" in printed and "ASR" in printed and "report written" in printed
+
+    assert main(["audit", "--model", str(digits_checkpoint), "--dataset", "digits",
+                 "--pairs", "0:0", "--out", str(out)]) == 2  # fmt: skip
+    assert "pairs" in capsys.readouterr().err
