@@ -1,0 +1,1 @@
+"""HTTP routes: thin, each one a call to a service function."""

@@ -1,0 +1,90 @@
+"""/v1/jobs: submit pre-training and audit jobs, watch, cancel, read reports."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Query, status
+
+from api.deps import CeleryDep, CurrentTenant, SessionDep, SettingsDep
+from api.schemas import JobPublic, JobsPage, ReportPublic
+from api.services import jobs as job_service
+from common.models import JobKind, JobStatus
+from common.specs import AuditJobCreate, PretrainJobCreate
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(max_length=200, description="a retried POST with the same key returns the same job"),
+]
+
+
+@router.post("/pretrain", status_code=status.HTTP_202_ACCEPTED)
+def submit_pretrain(
+    spec: PretrainJobCreate,
+    session: SessionDep,
+    celery: CeleryDep,
+    settings: SettingsDep,
+    tenant: CurrentTenant,
+    idempotency_key: IdempotencyKey = None,
+) -> JobPublic:
+    job = job_service.submit_pretrain(
+        session=session, celery=celery, settings=settings, tenant=tenant, spec=spec,
+        idempotency_key=idempotency_key,
+    )  # fmt: skip
+    return job_service.job_public(job)
+
+
+@router.post("/audit", status_code=status.HTTP_202_ACCEPTED)
+def submit_audit(
+    spec: AuditJobCreate,
+    session: SessionDep,
+    celery: CeleryDep,
+    settings: SettingsDep,
+    tenant: CurrentTenant,
+    idempotency_key: IdempotencyKey = None,
+) -> JobPublic:
+    job = job_service.submit_audit(
+        session=session, celery=celery, settings=settings, tenant=tenant, spec=spec,
+        idempotency_key=idempotency_key,
+    )  # fmt: skip
+    return job_service.job_public(job)
+
+
+@router.get("")
+def list_jobs(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    kind: JobKind | None = None,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> JobsPage:
+    jobs, total = job_service.list_jobs(
+        session=session, tenant=tenant, kind=kind, status=status, limit=limit, offset=offset
+    )
+    return JobsPage(
+        items=[job_service.job_public(j) for j in jobs], total=total, limit=limit, offset=offset
+    )
+
+
+@router.get("/{job_id}")
+def get_job(job_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -> JobPublic:
+    return job_service.job_public(
+        job_service.get_job(session=session, tenant=tenant, job_id=job_id)
+    )
+
+
+@router.post("/{job_id}/cancel")
+def cancel_job(job_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -> JobPublic:
+    return job_service.job_public(
+        job_service.cancel_job(session=session, tenant=tenant, job_id=job_id)
+    )
+
+
+@router.get("/{job_id}/report")
+def get_report(job_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -> ReportPublic:
+    report = job_service.get_report(session=session, tenant=tenant, job_id=job_id)
+    return ReportPublic.model_validate(report)

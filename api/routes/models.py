@@ -1,0 +1,115 @@
+"""/v1/models: upload extractors, list them, download weights, read model cards."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, status
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, PlainTextResponse
+
+from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
+from api.schemas import ModelPublic, ModelsPage
+from api.services import models as model_service
+from api.uploads import receive_upload
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+UPLOAD_FORM = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file", "arch", "input_shape"],
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "model.safetensors (a FeatureClassifier state dict)",
+                        },
+                        "arch": {"type": "string", "enum": ["convnet", "resnet18", "resnet50"]},
+                        "input_shape": {"type": "string", "example": "3,32,32"},
+                        "name": {"type": "string"},
+                        "classes": {
+                            "type": "string",
+                            "example": '["airplane", "automobile"]',
+                            "description": "JSON list of class names",
+                        },
+                        "mean": {"type": "string", "example": "0.49,0.48,0.45"},
+                        "std": {"type": "string", "example": "0.25,0.24,0.26"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, openapi_extra=UPLOAD_FORM)
+async def upload_model(
+    request: Request,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    tenant: CurrentTenant,
+) -> ModelPublic:
+    """Upload a safetensors extractor (streamed, size-limited, checked without torch)."""
+    upload = await receive_upload(
+        request, file_field="file", staging=store.staging_file(),
+        max_bytes=settings.max_upload_bytes,
+    )  # fmt: skip
+    model = await run_in_threadpool(
+        lambda: model_service.register_upload(
+            session=session, store=store, tenant=tenant, upload=upload
+        )
+    )
+    return model_service.model_public(model)
+
+
+@router.get("")
+def list_models(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> ModelsPage:
+    models, total = model_service.list_models(
+        session=session, tenant=tenant, limit=limit, offset=offset
+    )
+    return ModelsPage(
+        items=[model_service.model_public(m) for m in models],
+        total=total, limit=limit, offset=offset,
+    )  # fmt: skip
+
+
+@router.get("/{model_id}")
+def get_model(model_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -> ModelPublic:
+    return model_service.model_public(
+        model_service.get_model(session=session, tenant=tenant, model_id=model_id)
+    )
+
+
+@router.get("/{model_id}/weights", response_class=FileResponse)
+def download_weights(
+    model_id: uuid.UUID, session: SessionDep, store: StoreDep, tenant: CurrentTenant
+) -> FileResponse:
+    """The model's safetensors file; its sha256 is in the ``X-Content-SHA256`` header."""
+    model = model_service.get_model(session=session, tenant=tenant, model_id=model_id)
+    return FileResponse(
+        model_service.weights_path(store=store, model=model),
+        media_type="application/octet-stream",
+        filename=f"{model.name}.safetensors".replace("/", "_"),
+        headers={"X-Content-SHA256": model.sha256},
+    )
+
+
+@router.get("/{model_id}/card", response_class=PlainTextResponse)
+def model_card(model_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -> str:
+    """A markdown model card: provenance, training recipe and, once audited, the ASR table."""
+    model = model_service.get_model(session=session, tenant=tenant, model_id=model_id)
+    return PlainTextResponse(
+        model_service.model_card(session=session, model=model), media_type="text/markdown"
+    )

@@ -1,0 +1,89 @@
+"""Response schemas, named by role (the request specs live in ``common.specs``)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+from common.models import JobKind, JobStatus, ModelSource
+
+
+def _as_utc(value: datetime) -> datetime:
+    # SQLite hands timestamps back without their zone; every stored timestamp is UTC.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+UTCDateTime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
+class JobPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    kind: JobKind
+    status: JobStatus
+    phase: str
+    progress: float  # share of the job done, 0 to 1
+    message: str
+    eta_seconds: float | None
+    error: str | None  # why the job failed, in words a user can act on
+    attempts: int
+    cancel_requested: bool
+    spec: dict[str, Any]
+    model_id: uuid.UUID | None  # the audited model (audit jobs)
+    result_model_id: uuid.UUID | None  # the hardened model (pre-training jobs)
+    report_url: str | None = None  # the ASR report (audit jobs that succeeded)
+    created_at: UTCDateTime
+    started_at: UTCDateTime | None
+    updated_at: UTCDateTime
+    finished_at: UTCDateTime | None
+
+
+class JobsPage(BaseModel):
+    items: list[JobPublic]
+    total: int
+    limit: int
+    offset: int
+
+
+class ModelPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    name: str
+    source: ModelSource
+    arch: str
+    num_classes: int
+    in_channels: int
+    feature_dim: int
+    sha256: str
+    size_bytes: int
+    manifest: dict[str, Any]
+    created_at: UTCDateTime
+    weights_url: str
+    card_url: str
+
+
+class ModelsPage(BaseModel):
+    items: list[ModelPublic]
+    total: int
+    limit: int
+    offset: int
+
+
+class ReportPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    job_id: uuid.UUID
+    model_id: uuid.UUID | None
+    created_at: UTCDateTime
+    body: dict[str, Any]
+
+
+class HealthPublic(BaseModel):
+    status: str
+    checks: dict[str, str] = {}

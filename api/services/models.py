@@ -1,0 +1,289 @@
+"""Uploaded and pre-trained models: registering uploads, listing, weights and model cards."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from api.errors import InvalidFieldError, NotFoundError, UnsupportedUploadError
+from api.safetensors_check import (
+    SafetensorsError,
+    infer_model_facts,
+    looks_like_pickle,
+    read_header,
+)
+from api.schemas import ModelPublic
+from api.uploads import ReceivedUpload
+from common.artifacts import LocalArtifactStore, model_weights_key
+from common.models import ModelSource, Report, StoredModel, Tenant
+from core.config import ARCHS
+
+CONVERT_HINT = (
+    'convert it where you trust the file: python -c "import torch, safetensors.torch as st; '
+    "st.save_file(torch.load('model.pt', weights_only=True), 'model.safetensors')\""
+)
+
+
+def model_public(model: StoredModel) -> ModelPublic:
+    return ModelPublic.model_validate(
+        {
+            **{c: getattr(model, c) for c in ModelPublic.model_fields if hasattr(model, c)},
+            "weights_url": f"/v1/models/{model.id}/weights",
+            "card_url": f"/v1/models/{model.id}/card",
+        }
+    )
+
+
+def register_upload(
+    *, session: Session, store: LocalArtifactStore, tenant: Tenant, upload: ReceivedUpload
+) -> StoredModel:
+    """Check the uploaded weights and metadata, publish the file, write the row.
+
+    Only safetensors is accepted: a torch ``.pt`` file is a pickle, which cannot be checked
+    without unpickling it. Nothing is kept for a rejected upload.
+    """
+    staged = upload.staged
+    try:
+        if staged is None or upload.size == 0:
+            raise InvalidFieldError(("body", "file"), "a non-empty safetensors file is required")
+        with staged.open("rb") as handle:
+            head = handle.read(8)
+        if looks_like_pickle(head):
+            raise UnsupportedUploadError(
+                "the file is a pickle (torch.save format); only safetensors is accepted "
+                f"because pickles can run code when loaded; {CONVERT_HINT}"
+            )
+        try:
+            tensors, _ = read_header(staged)
+            facts = infer_model_facts(tensors)
+        except SafetensorsError as error:
+            raise InvalidFieldError(("body", "file"), str(error)) from None
+        manifest = _upload_manifest(upload.fields, facts)
+        model = StoredModel(
+            id=uuid.uuid4(),
+            tenant_id=tenant.id,
+            name=upload.fields.get("name") or upload.filename or "uploaded model",
+            source=ModelSource.UPLOAD,
+            arch=facts["arch"],
+            num_classes=facts["num_classes"],
+            in_channels=facts["in_channels"],
+            feature_dim=facts["feature_dim"],
+            manifest=manifest,
+            sha256=upload.sha256,
+            size_bytes=upload.size,
+            weights_key="",
+        )
+        model.weights_key = model_weights_key(model.id)
+        session.add(model)
+        session.flush()
+        store.publish(model.weights_key, staged)
+        try:
+            session.commit()
+        except BaseException:
+            store.delete(model.weights_key)
+            raise
+        return model
+    finally:
+        if staged is not None:
+            staged.unlink(missing_ok=True)
+
+
+def _upload_manifest(fields: dict[str, str], facts: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of an upload from its form fields, checked against the weights."""
+    arch = fields.get("arch", "").strip()
+    if arch not in ARCHS:
+        raise InvalidFieldError(
+            ("body", "arch"), f"arch must be one of {list(ARCHS)}, got {arch!r}"
+        )
+    if arch != facts["arch"]:
+        raise InvalidFieldError(
+            ("body", "arch"), f"arch is {arch!r} but the weights are a {facts['arch']}"
+        )
+    input_shape = _int_list(fields, "input_shape", required=True)
+    if len(input_shape) != 3 or input_shape[0] != facts["in_channels"] or min(input_shape) < 1:
+        raise InvalidFieldError(
+            ("body", "input_shape"),
+            f"input_shape must be [channels, height, width] with {facts['in_channels']} channels "
+            f"(as the weights have), got {input_shape}",
+        )
+    manifest: dict[str, Any] = {
+        "kind": "uploaded-extractor",
+        "arch": arch,
+        "in_channels": facts["in_channels"],
+        "num_classes": facts["num_classes"],
+        "feature_dim": facts["feature_dim"],
+        "input_shape": input_shape,
+    }
+    classes = _json_field(fields, "classes")
+    if classes is not None:
+        if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+                and len(classes) == facts["num_classes"]):  # fmt: skip
+            raise InvalidFieldError(
+                ("body", "classes"),
+                f"classes must be a JSON list of {facts['num_classes']} names (the head's size)",
+            )
+        manifest["classes"] = classes
+    mean, std = _float_list(fields, "mean"), _float_list(fields, "std")
+    if (mean is None) != (std is None):
+        raise InvalidFieldError(
+            ("body", "mean" if mean is None else "std"), "give mean and std together"
+        )
+    if mean is not None and std is not None:
+        for name, values in (("mean", mean), ("std", std)):
+            if len(values) != facts["in_channels"] or (name == "std" and min(values) <= 0):
+                raise InvalidFieldError(
+                    ("body", name),
+                    f"{name} needs {facts['in_channels']} values"
+                    + (", all > 0" if name == "std" else ""),
+                )
+        manifest["normalization"] = {"mean": mean, "std": std}
+    elif not facts["has_normalization"]:
+        raise InvalidFieldError(
+            ("body", "mean"), "the weights hold no normalize.mean/std: give mean and std"
+        )
+    return manifest
+
+
+def _json_field(fields: dict[str, str], name: str) -> Any:
+    raw = fields.get(name)
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise InvalidFieldError(("body", name), f"not JSON: {error}") from None
+
+
+def _numbers(fields: dict[str, str], name: str) -> list[Any] | None:
+    raw = fields.get(name)
+    if raw is None or not raw.strip():
+        return None
+    text = raw.strip()
+    values = _json_field(fields, name) if text.startswith("[") else text.split(",")
+    if not isinstance(values, list) or not values:
+        raise InvalidFieldError(("body", name), "expected a list like [3, 32, 32] or 3,32,32")
+    return values
+
+
+def _int_list(fields: dict[str, str], name: str, *, required: bool = False) -> list[int]:
+    values = _numbers(fields, name)
+    if values is None:
+        if required:
+            raise InvalidFieldError(("body", name), "field required, e.g. 3,32,32")
+        return []
+    try:
+        return [int(str(v).strip()) for v in values]
+    except ValueError:
+        raise InvalidFieldError(("body", name), f"expected integers, got {values}") from None
+
+
+def _float_list(fields: dict[str, str], name: str) -> list[float] | None:
+    values = _numbers(fields, name)
+    if values is None:
+        return None
+    try:
+        return [float(str(v).strip()) for v in values]
+    except ValueError:
+        raise InvalidFieldError(("body", name), f"expected numbers, got {values}") from None
+
+
+def get_model(*, session: Session, tenant: Tenant, model_id: uuid.UUID) -> StoredModel:
+    model = session.get(StoredModel, model_id)
+    if model is None or model.tenant_id != tenant.id:
+        raise NotFoundError(f"no model {model_id}")
+    return model
+
+
+def list_models(
+    *, session: Session, tenant: Tenant, limit: int, offset: int
+) -> tuple[list[StoredModel], int]:
+    query = select(StoredModel).where(StoredModel.tenant_id == tenant.id)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    models = session.scalars(
+        query.order_by(StoredModel.created_at.desc(), StoredModel.id).limit(limit).offset(offset)
+    ).all()
+    return list(models), total
+
+
+def weights_path(*, store: LocalArtifactStore, model: StoredModel) -> Path:
+    return store.local_path(model.weights_key)
+
+
+def model_card(*, session: Session, model: StoredModel) -> str:
+    """A markdown model card: provenance, recipe, and the ASR table of every audit."""
+    manifest = model.manifest
+    lines = [
+        f"# {model.name}",
+        "",
+        f"- id: `{model.id}`",
+        f"- source: {model.source.value}",
+        f"- architecture: {model.arch} ({model.in_channels} input channels, "
+        f"{model.feature_dim}-d features, {model.num_classes} classes)",
+        f"- input shape: {manifest.get('input_shape')}",
+        f"- weights: `model.safetensors`, sha256 `{model.sha256}`, {model.size_bytes} bytes",
+    ]
+    if manifest.get("classes"):
+        lines.append(f"- classes: {', '.join(map(str, manifest['classes']))}")
+    if manifest.get("normalization"):
+        lines.append(f"- normalization: {manifest['normalization']}")
+    config = manifest.get("config")
+    if config:
+        lines += [
+            "",
+            "## Training recipe",
+            "",
+            f"- dataset: {config.get('dataset')}, defense: {config.get('defense')}, "
+            f"recipe: {config.get('recipe')}, seed: {config.get('seed')}",
+            f"- epochs: {config.get('epochs')}, lr: {config.get('lr')} (x{config.get('lr_gamma')} "
+            f"after epochs {config.get('milestones')}), batch size: {config.get('batch_size')}",
+        ]
+        if config.get("defense") in ("at", "at-pcl"):
+            lines.append(
+                f"- PGD adversarial training: epsilon {config.get('epsilon'):.4f}, "
+                f"{config.get('pgd_steps')} steps, feature term {config.get('feature_term')}"
+            )
+        if config.get("defense") in ("pcl", "at-pcl"):
+            lines.append(
+                f"- Prototype Conformity Loss: alpha {config.get('alpha')}, "
+                f"after {config.get('warmup_epochs')} warm-up epochs"
+            )
+        if manifest.get("pre_acc") is not None:
+            lines.append(f"- Pre. Acc (clean test accuracy): {manifest['pre_acc']:.4f}")
+    reports = session.scalars(
+        select(Report).where(Report.model_id == model.id).order_by(Report.created_at)
+    ).all()
+    lines += ["", "## Clean-label poisoning audit", ""]
+    if not reports:
+        lines.append("Not audited yet: `POST /v1/jobs/audit` with this model id.")
+    for report in reports:
+        lines += [f"Audit job `{report.job_id}` ({report.created_at:%Y-%m-%d}):", ""]
+        lines += [*asr_table(report.body), ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def asr_table(body: dict[str, Any]) -> list[str]:
+    """Markdown rows of an audit report: one per attack (``core.audit.run_audit``'s report)."""
+    rows = [
+        "| attack | ASR | successes / instances | 95% interval | Re. Acc | clean baseline |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, result in body.get("attacks", {}).items():
+        low, high = result.get("asr_wilson95", [None, None])
+        interval = f"{100 * low:.1f}-{100 * high:.1f}%" if low is not None else ""
+        re_acc = result.get("re_acc") or {}
+        re_text = f"{re_acc['mean']:.4f} ± {re_acc['std']:.4f}" if "mean" in re_acc else ""
+        baseline = result.get("baseline") or {}
+        base_text = f"{100 * baseline['rate']:.1f}%" if "rate" in baseline else ""
+        rows.append(
+            f"| {name.upper()} | {100 * result['asr']:.1f}% | {result['successes']} / "
+            f"{result['instances']} | {interval} | {re_text} | {base_text} |"
+        )
+    if body.get("pre_acc") is not None:
+        rows.append("")
+        rows.append(f"Pre. Acc {body['pre_acc']:.4f}; delta {body.get('config', {}).get('delta')}")
+    return rows

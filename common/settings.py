@@ -1,0 +1,93 @@
+"""Service settings, read from the environment (and ``.env``) once per process.
+
+With no ``DATABASE_URL`` and no ``BROKER_URL`` the service runs embedded: a SQLite file and a
+filesystem Celery broker under ``BULWARK_DATA_DIR``, so that it works on a bare machine. With
+``DATABASE_URL=postgresql+psycopg://...`` and ``BROKER_URL=redis://...`` it is the production
+service.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DAY = 24 * 3600
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", env_prefix="BULWARK_")
+
+    environment: Literal["local", "production"] = "local"
+    data_dir: Path = Field(
+        Path.home() / ".bulwark",
+        description="embedded database, broker, artifacts and work directories live here",
+    )
+    # Unprefixed names, as every deployment tool spells them.
+    database_url: str | None = Field(
+        None, validation_alias=AliasChoices("DATABASE_URL", "BULWARK_DATABASE_URL")
+    )
+    broker_url: str | None = Field(
+        None, validation_alias=AliasChoices("BROKER_URL", "BULWARK_BROKER_URL")
+    )
+    artifact_dir: Path | None = None  # default: data_dir / "artifacts"
+    work_dir: Path | None = None  # resumable training state; default: data_dir / "work"
+    # Named datasets are read from <datasets_dir>/<name> where that folder exists; otherwise
+    # from the core's default place (digits is bundled; fashion-mnist is Debian's package).
+    datasets_dir: Path | None = None
+
+    queue: str = "gpu"  # the Celery queue GPU workers consume
+    max_upload_bytes: int = Field(1 << 30, ge=1)  # 1 GiB: a ResNet-50 is about 100 MB
+    # A job's lease: a worker renews it every lease_seconds / 3 while it runs; a running job
+    # whose lease ran out belongs to a dead worker and may be taken over.
+    lease_seconds: float = Field(60.0, gt=0)
+    max_attempts: int = Field(3, ge=1)  # a job that crashed its worker this often fails
+    progress_interval_seconds: float = Field(2.0, ge=0)  # at most one progress write per interval
+    task_soft_time_limit_seconds: int = Field(3 * DAY, ge=1)
+    task_time_limit_seconds: int = Field(3 * DAY + 600, ge=1)
+    # Redis redelivers a message that was not acknowledged within this time: it must be
+    # longer than the longest job, or a second worker would start a running job.
+    visibility_timeout_seconds: int = Field(3 * DAY + 3600, ge=1)
+    public_url: str = "http://127.0.0.1:8000"  # used in printed download links
+
+    @model_validator(mode="after")
+    def _production_needs_real_services(self) -> Self:
+        if self.environment == "production" and (not self.database_url or not self.broker_url):
+            raise ValueError(
+                "BULWARK_ENVIRONMENT=production needs DATABASE_URL (postgresql+psycopg://...) "
+                "and BROKER_URL (redis://...); the SQLite and filesystem defaults are for one "
+                "machine only"
+            )
+        return self
+
+    @property
+    def embedded(self) -> bool:
+        return self.database_url is None and self.broker_url is None
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'bulwark.sqlite3'}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_dir / "broker"
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        return self.artifact_dir or self.data_dir / "artifacts"
+
+    @property
+    def resolved_work_dir(self) -> Path:
+        return self.work_dir or self.data_dir / "work"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,125 @@
+"""Helpers of the service tests (no fixtures): database and Redis addresses, settings for child
+processes, a worker process handle, polling."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import text
+
+from common.db import make_engine
+from common.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+POSTGRES = os.environ.get(
+    "BULWARK_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REDIS = os.environ.get("BULWARK_TEST_REDIS", "redis://127.0.0.1:6379/13")
+TABLES = ("reports", "jobs", "models", "api_keys", "tenants")
+
+
+def postgres_unreachable() -> str | None:
+    """Why Postgres cannot be used, or None."""
+    engine = make_engine(POSTGRES, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as connection:
+            connection.execute(text("SELECT 1"))
+    except Exception as error:
+        return f"Postgres at {POSTGRES} unreachable: {error}"
+    finally:
+        engine.dispose()
+    return None
+
+
+def redis_unreachable() -> str | None:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS, socket_timeout=3).ping()
+    except Exception as error:
+        return f"Redis at {REDIS} unreachable: {error}"
+    return None
+
+
+def schema_url(schema: str) -> str:
+    return f"{POSTGRES}?options=-csearch_path%3D{schema}"
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a child process build these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BULWARK_")}
+    env.pop("DATABASE_URL", None)
+    env.pop("BROKER_URL", None)
+    values = {
+        "BULWARK_DATA_DIR": str(settings.data_dir),
+        "BULWARK_LEASE_SECONDS": str(settings.lease_seconds),
+        "BULWARK_PROGRESS_INTERVAL_SECONDS": str(settings.progress_interval_seconds),
+        "BULWARK_VISIBILITY_TIMEOUT_SECONDS": str(settings.visibility_timeout_seconds),
+        "BULWARK_MAX_ATTEMPTS": str(settings.max_attempts),
+        "BULWARK_MAX_UPLOAD_BYTES": str(settings.max_upload_bytes),
+    }
+    if settings.database_url:
+        values["DATABASE_URL"] = settings.database_url
+    if settings.broker_url:
+        values["BROKER_URL"] = settings.broker_url
+    return {**env, **values, "PYTHONPATH": str(ROOT)}
+
+
+@dataclass
+class Tenant:
+    id: uuid.UUID
+    key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+class WorkerProcess:
+    """``bulwark worker`` in its own process group (so SIGKILL takes its children too)."""
+
+    def __init__(self, settings: Settings, log: Path) -> None:
+        self.log = log
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bulwark.cli", "worker", "--loglevel=INFO",
+             f"--hostname=test-{uuid.uuid4().hex[:6]}@%h"],
+            cwd=ROOT, env=settings_env(settings), start_new_session=True,
+            stdout=log.open("ab"), stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its children: a machine that dies mid-job."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.2,
+             what: str = "condition") -> Any:  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

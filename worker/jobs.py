@@ -1,0 +1,287 @@
+"""Job life cycle on the worker side: claim, lease heartbeat, throttled progress, finish.
+
+Every task is idempotent. A conditional update claims the job: a queued job, or a running job
+whose lease ran out (its worker died). A finished job, a job another live worker holds, or a
+message for an unknown job is a no-op. Each claim counts an attempt; a job that has crashed its
+worker ``max_attempts`` times fails with a message instead of looping forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from functools import cache
+
+from celery import Celery
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from common.artifacts import LocalArtifactStore
+from common.db import make_engine, make_session_factory
+from common.models import Job, JobStatus, utcnow
+from common.queue import TASK_FOR_KIND
+from common.settings import Settings, get_settings
+from core.progress import Progress
+
+logger = logging.getLogger(__name__)
+
+
+class JobCancelledError(Exception):
+    """Raised from the progress callback to stop a job whose cancellation was requested."""
+
+
+class JobFailedError(Exception):
+    """A job that cannot succeed; the message is shown to the user as the job's error."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    store: LocalArtifactStore
+
+
+@cache
+def _resources_for(pid: int) -> Resources:
+    # Keyed by pid: a forked child never reuses its parent's database connections.
+    settings = get_settings()
+    engine = make_engine(settings.resolved_database_url)
+    return Resources(
+        settings=settings,
+        session_factory=make_session_factory(engine),
+        store=LocalArtifactStore(settings.resolved_artifact_dir),
+    )
+
+
+def worker_resources() -> Resources:
+    """This process's database sessions, artifact store and settings."""
+    return _resources_for(os.getpid())
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def claim_job(*, resources: Resources, job_id: uuid.UUID, worker: str) -> Job | None:
+    """Mark the job running for ``worker`` if nobody live holds it; None means do nothing."""
+    settings = resources.settings
+    now = utcnow()
+    with resources.session_factory() as session:
+        claimed = session.execute(
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.cancel_requested.is_(False),
+                Job.attempts < settings.max_attempts,
+                or_(
+                    Job.status == JobStatus.QUEUED,
+                    (Job.status == JobStatus.RUNNING) & (Job.lease_expires_at < now),
+                ),
+            )
+            .values(
+                status=JobStatus.RUNNING,
+                attempts=Job.attempts + 1,
+                worker=worker,
+                lease_expires_at=now + timedelta(seconds=settings.lease_seconds),
+                phase="starting",
+                updated_at=now,
+            )
+        ).rowcount
+        session.commit()
+        job = session.get(Job, job_id)
+        if job is None:
+            logger.warning("job %s does not exist; dropping its message", job_id)
+            return None
+        if claimed:
+            if job.started_at is None:
+                job.started_at = now
+                session.commit()
+            return job
+        _settle_unclaimable(session=session, job=job, settings=settings, now=now)
+        return None
+
+
+def _settle_unclaimable(*, session: Session, job: Job, settings: Settings, now: datetime) -> None:
+    """A job we may not run: finish it if its last worker died and it cannot go on."""
+    lease_over = job.lease_expires_at is not None and _as_utc(job.lease_expires_at) < now
+    if job.status == JobStatus.RUNNING and lease_over and job.cancel_requested:
+        _finish(session, job.id, JobStatus.CANCELLED, phase="cancelled",
+                message="cancelled (its worker had stopped)")  # fmt: skip
+    elif job.status == JobStatus.QUEUED and job.cancel_requested:
+        _finish(session, job.id, JobStatus.CANCELLED, phase="cancelled", message="cancelled")
+    elif job.status in (JobStatus.QUEUED, JobStatus.RUNNING) and (
+        job.attempts >= settings.max_attempts and (job.status == JobStatus.QUEUED or lease_over)
+    ):
+        _finish(
+            session, job.id, JobStatus.FAILED, phase=job.phase,
+            error=f"the job stopped its worker {job.attempts} times (last phase: {job.phase}); "
+            "it may need more memory than a worker has: try a smaller batch_size or model",
+        )  # fmt: skip
+    else:
+        logger.info("job %s is %s and held elsewhere or finished: no-op", job.id, job.status)
+
+
+def _as_utc(value: datetime) -> datetime:
+    # SQLite hands timestamps back without their zone; every stored timestamp is UTC.
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+def _finish(
+    session: Session,
+    job_id: uuid.UUID,
+    status: JobStatus,
+    *,
+    phase: str,
+    message: str = "",
+    error: str | None = None,
+    **values: object,
+) -> None:
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id)
+        .values(status=status, phase=phase, message=message, error=error, finished_at=now,
+                updated_at=now, lease_expires_at=None, eta_seconds=None, **values)
+    )  # fmt: skip
+    session.commit()
+
+
+def finish_job(
+    *, resources: Resources, job_id: uuid.UUID, status: JobStatus, phase: str,
+    message: str = "", error: str | None = None, **values: object,
+) -> None:  # fmt: skip
+    with resources.session_factory() as session:
+        _finish(session, job_id, status, phase=phase, message=message, error=error, **values)
+
+
+def release_lease(*, resources: Resources, job_id: uuid.UUID) -> None:
+    """Let another delivery take the job over at once (used before a retry)."""
+    with resources.session_factory() as session:
+        session.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow()))
+        session.commit()
+
+
+class Heartbeat:
+    """A thread that renews the job's lease and notices cancellation requests."""
+
+    def __init__(self, *, resources: Resources, job_id: uuid.UUID, worker: str) -> None:
+        self.resources, self.job_id, self.worker = resources, job_id, worker
+        self.cancelled = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def beat(self) -> None:
+        lease = self.resources.settings.lease_seconds
+        with self.resources.session_factory() as session:
+            cancel = session.scalar(
+                update(Job)
+                .where(Job.id == self.job_id, Job.worker == self.worker)
+                .values(lease_expires_at=utcnow() + timedelta(seconds=lease))
+                .returning(Job.cancel_requested)
+            )
+            session.commit()
+        if cancel:
+            self.cancelled.set()
+
+    def _run(self) -> None:
+        interval = self.resources.settings.lease_seconds / 3
+        while not self._stop.wait(interval):
+            try:
+                self.beat()
+            except Exception:  # the database may blip; the lease has slack for that
+                logger.exception("heartbeat of job %s failed", self.job_id)
+
+
+class ProgressWriter:
+    """The core's progress callback: writes the job row at most once per interval (and on
+    every phase change), and raises :class:`JobCancelledError` once a cancel was requested."""
+
+    def __init__(self, *, resources: Resources, job_id: uuid.UUID, heartbeat: Heartbeat) -> None:
+        self.resources, self.job_id, self.heartbeat = resources, job_id, heartbeat
+        self.interval = resources.settings.progress_interval_seconds
+        self._last_write = -float("inf")
+        self._last_phase: str | None = None
+
+    def __call__(self, report: Progress) -> None:
+        if self.heartbeat.cancelled.is_set():
+            raise JobCancelledError
+        now = time.monotonic()
+        if report.phase == self._last_phase and now - self._last_write < self.interval:
+            return
+        self._last_write, self._last_phase = now, report.phase
+        with self.resources.session_factory() as session:
+            cancel = session.scalar(
+                update(Job)
+                .where(Job.id == self.job_id)
+                .values(
+                    phase=report.phase[:64],
+                    progress=min(1.0, max(0.0, report.fraction)),
+                    message=describe(report),
+                    eta_seconds=report.eta_seconds,
+                    updated_at=utcnow(),
+                )
+                .returning(Job.cancel_requested)
+            )
+            session.commit()
+        if cancel:
+            self.heartbeat.cancelled.set()
+            raise JobCancelledError
+
+
+def describe(report: Progress) -> str:
+    """One line for a progress report: 'epoch 2/3, step 5/8, loss 0.812 - message'."""
+    parts = []
+    if report.epoch is not None:
+        parts.append(f"epoch {report.epoch}/{report.epochs}")
+    if report.step is not None:
+        parts.append(f"step {report.step}/{report.steps}")
+    if report.loss is not None:
+        parts.append(f"loss {report.loss:.4f}")
+    if report.accuracy is not None:
+        parts.append(f"accuracy {report.accuracy:.4f}")
+    text = ", ".join(parts)
+    if report.message:
+        text = f"{text} - {report.message}" if text else report.message
+    return text
+
+
+def requeue_orphans(*, settings: Settings, celery: Celery) -> int:
+    """Re-send every queued job and every running job whose lease ran out.
+
+    Called when a worker starts: it recovers jobs whose worker died (the filesystem broker of
+    the embedded mode never redelivers) and jobs whose message was lost between commit and
+    send. Duplicates are harmless: the claim lets only one delivery run a job.
+    """
+    engine = make_engine(settings.resolved_database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            now = utcnow()
+            jobs = session.execute(
+                select(Job.id, Job.kind).where(
+                    or_(
+                        Job.status == JobStatus.QUEUED,
+                        (Job.status == JobStatus.RUNNING) & (Job.lease_expires_at < now),
+                    )
+                )
+            ).all()
+    finally:
+        engine.dispose()
+    for job_id, kind in jobs:
+        celery.send_task(
+            TASK_FOR_KIND[kind], args=[str(job_id)], task_id=str(job_id), queue=settings.queue
+        )
+    return len(jobs)
