@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint system bench-pretrain
+.PHONY: demo test system bench-pretrain bench-attacks
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# The main job end to end through the real HTTP API and a real worker on the embedded default
+# (SQLite, a filesystem broker): pre-train at-pcl, audit it with FC, CP and BP, print the table.
 demo: $(STAMP)
-	$(BIN)/bulwark pretrain --dataset digits --arch convnet --defense at-pcl --recipe quick \
-		--out runs/demo-at-pcl
+	BULWARK_DATA_DIR=$(CURDIR)/runs/demo-service $(BIN)/bulwark demo
 
 system:
 	scripts/ensure-system
@@ -29,3 +30,7 @@ test: $(STAMP) system
 bench-pretrain: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python bench/bench_pretrain.py
+
+bench-attacks: $(STAMP)
+	$(BIN)/pip install -q -e ".[bench]"
+	$(BIN)/python bench/bench_attacks.py

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from servicekit import ROOT, wait_for
 
 
@@ -37,11 +38,17 @@ def alive(pid: int) -> bool:
     return not (status.exists() and "State:\tZ" in status.read_text())
 
 
-def test_serve_runs_api_and_worker_on_sqlite_and_a_filesystem_broker(tmp_path: Path) -> None:
+def embedded_env(data_dir: Path) -> dict[str, str]:
+    """This process's environment with no service configured: the embedded default."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith("BULWARK_") and k not in ("DATABASE_URL", "BROKER_URL")}  # fmt: skip
-    env.update(BULWARK_DATA_DIR=str(tmp_path / "data"), PYTHONPATH=str(ROOT),
+    env.update(BULWARK_DATA_DIR=str(data_dir), PYTHONPATH=str(ROOT),
                BULWARK_PROGRESS_INTERVAL_SECONDS="0.5")  # fmt: skip
+    return env
+
+
+def test_serve_runs_api_and_worker_on_sqlite_and_a_filesystem_broker(tmp_path: Path) -> None:
+    env = embedded_env(tmp_path / "data")
     assert "upgrade done" in bulwark(env, "db", "upgrade")
     key = re.search(r"API key \(shown once, store it now\): (\S+)",
                     bulwark(env, "tenants", "create", "acme")).group(1)  # fmt: skip
@@ -88,3 +95,24 @@ def test_serve_runs_api_and_worker_on_sqlite_and_a_filesystem_broker(tmp_path: P
     # The worker went down with the service: nothing is left running.
     assert worker_pid is not None
     wait_for(lambda: not alive(worker_pid), timeout=20, what="the worker to stop")
+
+
+def test_demo_runs_pretraining_and_audit_over_http_and_exits_zero(tmp_path: Path) -> None:
+    """``bulwark demo`` (the README's first command, made smaller): a service it starts
+    itself, two jobs over HTTP, the ASR table, the download URL, and the service stopped."""
+    env = embedded_env(tmp_path / "data")
+    result = subprocess.run(
+        [sys.executable, "-m", "bulwark.cli", "demo", "--port", str(free_port()),
+         "--epochs", "1", "--iterations", "3", "--retrain-epochs", "3"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "[succeeded] 100.0% done" in out
+    for attack in ("FC", "CP", "BP"):
+        assert re.search(rf"^\| {attack} \| \d+\.\d% \| \d+ / 8 \|", out, re.MULTILINE), out
+    model_url = re.search(r"hardened checkpoint: (http://\S+/weights)", out)
+    assert model_url, out
+    # The service went down with the demo: its port answers nothing any more.
+    with pytest.raises(httpx.TransportError):
+        httpx.get(model_url.group(1).split("/v1/")[0] + "/healthz", timeout=2)
