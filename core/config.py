@@ -238,9 +238,12 @@ class AuditConfig(BaseModel):
     retrain_batch_size: int = Field(64, ge=1, le=1_000_000)  # images per Adam step
 
     eval_images: int | None = Field(None, ge=1)  # test images for Pre./Re. Acc; None: all
+    # The Eq. 4a/4b feature-space screen (core.screen) on the first test images, PGD at delta.
+    screen_images: int = Field(500, ge=0, le=1_000_000)  # 0 turns the screen off
+    screen_steps: int = Field(10, ge=1, le=1000)  # PGD steps of the drift measurement
     attack_batch_size: int | None = Field(None, ge=1)  # images per forward; None: all at once
     seed: int = Field(0, ge=0, le=2**32 - 1)  # chooses targets and bases; seeds re-training
-    precision: Precision = "auto"  # auto: bfloat16 autocast on CUDA and on CPUs with AMX
+    precision: Precision = "auto"  # auto: bfloat16 on CUDA and CPUs with AMX or AVX512_BF16
     device: str | None = None  # None: cuda when present, else cpu
 
     @model_validator(mode="after")

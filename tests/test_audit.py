@@ -148,6 +148,9 @@ def test_zero_budget_gives_the_baseline(digits_checkpoint, digits):
             assert row["poison_class_probability"] == pytest.approx(
                 row["baseline_poison_class_probability"], abs=1e-5
             )
+    # No budget, no drift: the Eq. 4b screen measures nothing (1e-6 is the distance's floor,
+    # which keeps its gradient finite at zero).
+    assert report["screen"]["drift"] <= 1.01e-6 and report["screen"]["separation"] > 1.0
 
 
 def test_report_has_what_the_issue_lists(digits_checkpoint, digits, tmp_path):
@@ -160,9 +163,17 @@ def test_report_has_what_the_issue_lists(digits_checkpoint, digits, tmp_path):
     assert report["config"] == config.model_dump(mode="json") and report["seed"] == 0
     assert report["head_init"] == "pretrained" and 0.5 < report["pre_acc"] <= 1.0
     assert set(report["versions"]) >= {"torch", "numpy", "python"}
-    assert {"load", "features", "craft:fc", "retrain:fc", "craft:bp", "total"} <= set(
+    assert {"load", "features", "screen", "craft:fc", "retrain:fc", "craft:bp", "total"} <= set(
         report["timings"]
     )
+    # The Eq. 4a/4b screen of every audit: positive, finite, at the audit's delta.
+    screen = report["screen"]
+    assert screen["delta"] == config.delta and screen["images"] == min(500, len(digits.test_y))
+    assert screen["separation"] > 1.0 and 0.0 < screen["normalized_drift"] < 10.0
+    assert run_audit(
+        _digits_config(digits_checkpoint, attacks=("fc",), iterations=1, screen_images=0),
+        dataset=digits,
+    )["screen"] is None
     assert len(report["instances"]) == 6
     for name, k in (("fc", 1), ("bp", 3)):
         result = report["attacks"][name]

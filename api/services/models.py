@@ -286,4 +286,15 @@ def asr_table(body: dict[str, Any]) -> list[str]:
     if body.get("pre_acc") is not None:
         rows.append("")
         rows.append(f"Pre. Acc {body['pre_acc']:.4f}; delta {body.get('config', {}).get('delta')}")
+    if body.get("screen"):
+        rows.append(feature_screen_line(body["screen"]))
     return rows
+
+
+def feature_screen_line(screen: dict[str, Any]) -> str:
+    """The Eq. 4a/4b screen of an audit report in one line."""
+    return (
+        f"Feature screen (Eq. 4a/4b, {screen['images']} test images): class separation "
+        f"{screen['separation']:.3f} (larger resists better), normalized adversarial drift "
+        f"{screen['normalized_drift']:.3f} at delta (smaller resists better)"
+    )

@@ -116,6 +116,13 @@ def _summary(report: dict[str, Any]) -> str:
         re_acc = f"{100 * result['re_acc']['mean']:.2f}±{100 * result['re_acc']['std']:.2f}"
         baseline = f"{100 * result['baseline']['rate']:.1f}%"
         lines.append(f"{name:<7}{asr:>14}{ci:>16}{baseline:>11}{re_acc:>17}")
+    if report.get("screen"):
+        screen = report["screen"]
+        lines.append(
+            f"feature screen: separation {screen['separation']:.3f} (Eq. 4a, larger resists "
+            f"better), normalized drift {screen['normalized_drift']:.3f} (Eq. 4b, smaller "
+            "resists better)"
+        )
     lines.append(f"total {report['timings']['total']:.1f}s")
     return "\n".join(lines)
 
