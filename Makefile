@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test system bench-pretrain bench-attacks
+.PHONY: demo test system bench bench-pretrain bench-attacks
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ system:
 test: $(STAMP) system
 	$(BIN)/ruff check .
 	$(BIN)/pytest -q
+
+# All the performance evidence in one run (docs/performance.md): pre-training vs ART, then
+# FC/CP/BP crafting vs ART, matmul fractions, head re-training and instance scaling.
+bench: bench-pretrain bench-attacks
 
 bench-pretrain: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
