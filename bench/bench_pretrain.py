@@ -13,8 +13,9 @@ What it measures, in one run on this machine:
 3. Same accuracy: a ConvNet adversarially trained on a real Fashion-MNIST subset by Bulwark
    (plain Madry AT, constant lr, no augmentation, as ART trains) and by ART from the same
    initial weights, test accuracy side by side; and Bulwark's float32 run beside its
-   bfloat16 run where bfloat16 is the automatic choice (CUDA, or a CPU with AMX). Elsewhere
-   the bfloat16/float32 speed ratio of ResNet-18's forward+input-gradient is printed instead.
+   bfloat16 run where bfloat16 is the automatic choice (CUDA, or a CPU with AMX or
+   AVX512_BF16). The bfloat16/float32 speed ratio of ResNet-18's forward+input-gradient is
+   printed last.
 
 Repeat: ``pip install -e ".[bench]"`` then ``python bench/bench_pretrain.py`` (add
 ``--images 256 --art-images 128`` for a quicker run; ``--help`` lists the options).

@@ -126,7 +126,7 @@ class PretrainConfig(BaseModel):
     random_start: bool = True
     feature_term: bool = True  # ||f(x_adv) - f(x)|| in the AT loss; False is plain Madry AT
 
-    precision: Precision = "auto"  # auto: bfloat16 autocast on CUDA and on CPUs with AMX
+    precision: Precision = "auto"  # auto: bfloat16 on CUDA and CPUs with AMX or AVX512_BF16
     device: str | None = None  # None: cuda when present, else cpu
 
     @property
