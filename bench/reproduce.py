@@ -3,7 +3,7 @@
 What it does: pre-trains one extractor per variant (Table 1: the defenses none, pcl, at,
 at-pcl) with a CPU preset, audits each with FC, CP and BP under the paper's protocol (the
 paper's four pairs by class index, ``--targets-per-pair`` targets each, delta 25.5/255, 500
-iterations), and writes, in ``--out``:
+iterations; ``--pairs`` for others), and writes, in ``--out``:
 
 - ``models/<variant>/``: hardened checkpoints (``pretrain`` resumes an interrupted one),
 - ``reports/<variant>.json``: the audit reports,
@@ -88,6 +88,10 @@ def main() -> int:
     parser.add_argument("--targets-per-pair", type=int, default=10)
     parser.add_argument("--iterations", type=int, default=500)
     parser.add_argument("--attacks", default=",".join(ATTACKS))
+    parser.add_argument(
+        "--pairs", default="0:7,2:1,4:1,6:3",
+        help="target:poison class pairs (default: the paper's, by index)",
+    )
     parser.add_argument("--variants", help="only these variants (comma-separated names)")
     parser.add_argument("--data-dir", help="Fashion-MNIST IDX folder (default: Debian's)")
     parser.add_argument("--device")
@@ -134,10 +138,12 @@ def main() -> int:
             audit = AuditConfig(
                 model=str(model_dir), dataset="fashion-mnist", data_dir=args.data_dir,
                 split=split, attacks=tuple(args.attacks.split(",")),
+                pairs=tuple(tuple(int(c) for c in p.split(":")) for p in args.pairs.split(",")),
                 targets_per_pair=args.targets_per_pair, iterations=args.iterations,
                 seed=args.seed, device=args.device,
             )  # fmt: skip
-            log(f"auditing {variant.name}: {audit.attacks}, {4 * audit.targets_per_pair} "
+            log(f"auditing {variant.name}: {audit.attacks}, "
+                f"{len(audit.pairs) * audit.targets_per_pair} "
                 f"instances, {audit.iterations} iterations")  # fmt: skip
             started = time.perf_counter()
             report = run_audit(audit, dataset=data)
