@@ -21,6 +21,8 @@ from core.config import AuditConfig, SplitConfig, pretrain_config
 from core.data import load_dataset
 from core.train import pretrain
 
+pytestmark = pytest.mark.slow  # two pre-trainings and two audits: about 2.5 minutes
+
 SPLIT = SplitConfig(pretrain=1000, retrain=50, pool=150)
 SIMILAR_PAIRS = ((6, 0), (0, 6), (2, 4), (4, 2))  # (target, poison): shirt/T-shirt, pullover/coat
 
