@@ -1,7 +1,7 @@
 """``bulwark demo``: the whole service end to end on the embedded default.
 
 Starts ``bulwark serve`` (API + a real Celery worker on SQLite and a filesystem broker),
-creates a tenant, submits a short (2-epoch) ``at-pcl`` pre-training of a ConvNet on scikit-learn's
+creates a tenant, submits a short (6-epoch) ``at-pcl`` pre-training of a ConvNet on scikit-learn's
 bundled digits over HTTP, then an audit of the hardened model with FC, CP and BP, shows
 progress, prints the ASR table and where to download the checkpoint, and stops the service.
 """
@@ -27,7 +27,7 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     )
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--defense", default="at-pcl", choices=("none", "pcl", "at", "at-pcl"))
-    parser.add_argument("--epochs", type=int, default=2, help="pre-training epochs")
+    parser.add_argument("--epochs", type=int, default=6, help="pre-training epochs")
     parser.add_argument("--targets-per-pair", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=20, help="attack steps")
     parser.add_argument("--retrain-epochs", type=int, default=20, help="head re-training epochs")
