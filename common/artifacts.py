@@ -115,5 +115,10 @@ def model_weights_key(model_id: uuid.UUID | str) -> str:
     return f"models/{model_id}/model.safetensors"
 
 
+def import_upload_key(job_id: uuid.UUID | str) -> str:
+    """Where a torch ``.pt`` upload waits for the worker that converts it to safetensors."""
+    return f"imports/{job_id}/upload.pt"
+
+
 def model_manifest_key(model_id: uuid.UUID | str) -> str:
     return f"models/{model_id}/manifest.json"

@@ -50,6 +50,7 @@ class Base(DeclarativeBase):
 class JobKind(enum.StrEnum):
     PRETRAIN = "pretrain"
     AUDIT = "audit"
+    IMPORT = "import"  # a torch .pt upload, read by a worker (torch) into safetensors
 
 
 class JobStatus(enum.StrEnum):

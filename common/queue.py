@@ -10,7 +10,12 @@ from common.settings import Settings
 
 PRETRAIN_TASK = "bulwark.pretrain"
 AUDIT_TASK = "bulwark.audit"
-TASK_FOR_KIND = {JobKind.PRETRAIN: PRETRAIN_TASK, JobKind.AUDIT: AUDIT_TASK}
+IMPORT_TASK = "bulwark.import"
+TASK_FOR_KIND = {
+    JobKind.PRETRAIN: PRETRAIN_TASK,
+    JobKind.AUDIT: AUDIT_TASK,
+    JobKind.IMPORT: IMPORT_TASK,
+}
 
 
 def make_celery(settings: Settings) -> Celery:

@@ -199,3 +199,23 @@ class AuditJobCreate(BaseModel):
             return AuditConfig.model_validate(fields)
         except ValidationError as error:
             raise SpecError(_spec_errors(error, self.overrides, AuditConfig)) from None
+
+
+class ImportJobSpec(BaseModel):
+    """A torch ``.pt`` upload waiting in the artifact store, with its form's metadata.
+
+    The API never reads the file (it would have to unpickle it); a worker reads it with
+    ``torch.load(weights_only=True)``, checks it against this metadata and stores safetensors.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    upload_key: str
+    filename: str | None = None
+    sha256: str  # of the uploaded .pt file
+    name: str | None = None
+    arch: str
+    input_shape: list[int] = Field(min_length=3, max_length=3)
+    classes: list[str] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None

@@ -22,9 +22,9 @@ from sqlalchemy.exc import OperationalError
 
 from common.artifacts import model_manifest_key, model_weights_key
 from common.models import Job, JobStatus, ModelSource, Report, StoredModel, utcnow
-from common.queue import AUDIT_TASK, PRETRAIN_TASK
+from common.queue import AUDIT_TASK, IMPORT_TASK, PRETRAIN_TASK
 from common.settings import Settings
-from common.specs import AuditJobCreate, PretrainJobCreate, SpecError
+from common.specs import AuditJobCreate, ImportJobSpec, PretrainJobCreate, SpecError
 from worker.celery_app import app
 from worker.jobs import (
     Heartbeat,
@@ -55,6 +55,12 @@ def run_pretrain(task: Task, job_id: str) -> None:
 def run_audit_job(task: Task, job_id: str) -> None:
     """Attack a stored extractor with FC, CP and BP and store the ASR report."""
     run_job(task, job_id, execute=execute_audit)
+
+
+@app.task(name=IMPORT_TASK, bind=True)
+def run_import(task: Task, job_id: str) -> None:
+    """Read an uploaded torch state dict (weights only) and store it as a safetensors model."""
+    run_job(task, job_id, execute=execute_import)
 
 
 def run_job(task: Task, job_id: str, *, execute: Execute) -> None:
@@ -121,10 +127,9 @@ def sha256_of(path: Path) -> str:
 
 
 def execute_pretrain(job: Job, resources: Resources, progress: ProgressWriter) -> None:
-    from core.checkpoint import MANIFEST_NAME, WEIGHTS_NAME
     from core.train import pretrain
 
-    settings, store = resources.settings, resources.store
+    settings = resources.settings
     spec = PretrainJobCreate.model_validate(job.spec)
     try:
         config = spec.to_config(data_dir=dataset_dir(settings, spec.dataset))
@@ -134,32 +139,101 @@ def execute_pretrain(job: Job, resources: Resources, progress: ProgressWriter) -
     out_dir = work_dir / "checkpoint"
     result = pretrain(config, out_dir=out_dir, work_dir=work_dir, progress=progress)
 
-    # The model id follows from the job id, so a redelivered job never makes a second model.
+    model_id = _store_model(
+        resources, job, out_dir, result.manifest, source=ModelSource.PRETRAIN,
+        name=spec.name or f"{spec.arch}-{spec.defense}-{spec.dataset}-{job.id.hex[:8]}",
+    )  # fmt: skip
+    with resources.session_factory() as session:
+        _mark_succeeded(session, job.id, result_model_id=model_id,
+                        message=f"Pre. Acc {result.pre_acc:.4f}")  # fmt: skip
+    shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _store_model(
+    resources: Resources, job: Job, out_dir: Path, manifest: dict[str, Any], *, name: str,
+    source: ModelSource,
+) -> uuid.UUID:
+    """Publish ``out_dir``'s checkpoint and write its model row; the id follows from the job
+    id, so a redelivered job never makes a second model."""
+    from core.checkpoint import MANIFEST_NAME, WEIGHTS_NAME
+
     model_id = uuid.uuid5(job.id, "model")
     weights = out_dir / WEIGHTS_NAME
-    store.put_file(model_weights_key(model_id), weights)
-    store.put_file(model_manifest_key(model_id), out_dir / MANIFEST_NAME)
-    manifest = result.manifest
+    resources.store.put_file(model_weights_key(model_id), weights)
+    resources.store.put_file(model_manifest_key(model_id), out_dir / MANIFEST_NAME)
     with resources.session_factory() as session:
         if session.get(StoredModel, model_id) is None:
             session.add(
                 StoredModel(
-                    id=model_id,
-                    tenant_id=job.tenant_id,
-                    name=spec.name or f"{spec.arch}-{spec.defense}-{spec.dataset}-{job.id.hex[:8]}",
-                    source=ModelSource.PRETRAIN,
-                    arch=manifest["arch"],
-                    num_classes=manifest["num_classes"],
-                    in_channels=manifest["in_channels"],
-                    feature_dim=manifest["feature_dim"],
-                    manifest=manifest,
-                    sha256=sha256_of(weights),
-                    size_bytes=weights.stat().st_size,
-                    weights_key=model_weights_key(model_id),
+                    id=model_id, tenant_id=job.tenant_id, name=name, source=source,
+                    arch=manifest["arch"], num_classes=manifest["num_classes"],
+                    in_channels=manifest["in_channels"], feature_dim=manifest["feature_dim"],
+                    manifest=manifest, sha256=sha256_of(weights),
+                    size_bytes=weights.stat().st_size, weights_key=model_weights_key(model_id),
                 )
             )
+            session.commit()
+    return model_id
+
+
+def execute_import(job: Job, resources: Resources, progress: ProgressWriter) -> None:
+    spec = ImportJobSpec.model_validate(job.spec)
+    try:
+        _convert_upload(job, spec, resources, progress)
+    except OperationalError:  # transient: the retry needs the upload
+        raise
+    except BaseException:  # the job ends here: the untrusted file is not kept
+        resources.store.delete(spec.upload_key)
+        shutil.rmtree(job_work_dir(resources.settings, job.id), ignore_errors=True)
+        raise
+    resources.store.delete(spec.upload_key)
+
+
+def _convert_upload(
+    job: Job, spec: ImportJobSpec, resources: Resources, progress: ProgressWriter
+) -> None:
+    from core.checkpoint import MANIFEST_NAME, load_extractor, save_extractor
+    from core.progress import Progress
+
+    work_dir = job_work_dir(resources.settings, job.id)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    upload = work_dir / "upload.pt"
+    progress(Progress(phase="import", fraction=0.0,
+                      message="reading the torch file with weights_only=True"))  # fmt: skip
+    resources.store.fetch(spec.upload_key, upload)
+    described: dict[str, Any] = {"arch": spec.arch, "in_channels": spec.input_shape[0]}
+    if spec.mean is not None and spec.std is not None:
+        described["normalization"] = {"mean": spec.mean, "std": spec.std}
+    try:
+        # The restricted unpickler of weights_only refuses anything but tensors and containers.
+        loaded = load_extractor(upload, manifest=described)
+    finally:
+        upload.unlink(missing_ok=True)
+    model = loaded.model
+    problems = []
+    if spec.classes is not None and len(spec.classes) != model.num_classes:
+        problems.append(f"classes: {len(spec.classes)} names for a head of {model.num_classes}")
+    if spec.mean is not None and len(spec.mean) != spec.input_shape[0]:
+        problems.append(f"mean/std: {len(spec.mean)} values for {spec.input_shape[0]} channels")
+    if spec.mean is None and "normalization" not in loaded.manifest:
+        problems.append("mean/std: the weights hold no normalize.mean/std; give mean and std")
+    if problems:
+        raise JobFailedError("the upload does not match its form: " + "; ".join(problems))
+    manifest = {
+        "kind": "uploaded-extractor", "input_shape": spec.input_shape,
+        "source_file": spec.filename, "source_sha256": spec.sha256,
+        **({"classes": spec.classes} if spec.classes else {}),
+    }  # fmt: skip
+    out_dir = work_dir / "checkpoint"
+    save_extractor(out_dir, model, manifest)
+    full_manifest = json.loads((out_dir / MANIFEST_NAME).read_text())
+    model_id = _store_model(
+        resources, job, out_dir, full_manifest, source=ModelSource.UPLOAD,
+        name=spec.name or spec.filename or "uploaded model",
+    )  # fmt: skip
+    with resources.session_factory() as session:
         _mark_succeeded(session, job.id, result_model_id=model_id,
-                        message=f"Pre. Acc {result.pre_acc:.4f}")  # fmt: skip
+                        message="converted to safetensors")  # fmt: skip
     shutil.rmtree(work_dir, ignore_errors=True)
 
 

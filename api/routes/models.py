@@ -7,12 +7,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, PlainTextResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 
-from api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
+from api.deps import CeleryDep, CurrentTenant, SessionDep, SettingsDep, StoreDep
 from api.schemas import ModelPublic, ModelsPage
+from api.services import jobs as job_service
 from api.services import models as model_service
 from api.uploads import receive_upload
+from common.models import Job
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -28,7 +30,8 @@ UPLOAD_FORM = {
                         "file": {
                             "type": "string",
                             "format": "binary",
-                            "description": "model.safetensors (a FeatureClassifier state dict)",
+                            "description": "model.safetensors, or a torch.save state dict "
+                            "(converted by a worker)",
                         },
                         "arch": {"type": "string", "enum": ["convnet", "resnet18", "resnet50"]},
                         "input_shape": {"type": "string", "example": "3,32,32"},
@@ -54,19 +57,36 @@ async def upload_model(
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
+    celery: CeleryDep,
     tenant: CurrentTenant,
 ) -> ModelPublic:
-    """Upload a safetensors extractor (streamed, size-limited, checked without torch)."""
+    """Upload an extractor (streamed, size-limited).
+
+    A safetensors file is checked without torch and answers 201 with the model. A
+    ``torch.save`` state dict answers 202 with an import job: a worker reads it with
+    ``torch.load(weights_only=True)`` and stores it as safetensors; the job's
+    ``result_model_id`` is the model once it succeeds.
+    """
     upload = await receive_upload(
         request, file_field="file", staging=store.staging_file(),
         max_bytes=settings.max_upload_bytes,
     )  # fmt: skip
-    model = await run_in_threadpool(
+    registered = await run_in_threadpool(
         lambda: model_service.register_upload(
-            session=session, store=store, tenant=tenant, upload=upload
+            session=session,
+            store=store,
+            celery=celery,
+            settings=settings,
+            tenant=tenant,
+            upload=upload,
         )
     )
-    return model_service.model_public(model)
+    if isinstance(registered, Job):  # a torch file: a worker converts it (202 with the job)
+        return JSONResponse(
+            status_code=status.HTTP_202_ACCEPTED,
+            content=job_service.job_public(registered).model_dump(mode="json"),
+        )
+    return model_service.model_public(registered)
 
 
 @router.get("")

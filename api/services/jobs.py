@@ -16,7 +16,7 @@ from api.schemas import JobPublic
 from common.models import Job, JobKind, JobStatus, Report, StoredModel, Tenant, utcnow
 from common.queue import TASK_FOR_KIND
 from common.settings import Settings
-from common.specs import AuditJobCreate, PretrainJobCreate, SpecError
+from common.specs import AuditJobCreate, ImportJobSpec, PretrainJobCreate, SpecError
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +95,22 @@ def submit_audit(
     )  # fmt: skip
 
 
+def submit_import(
+    *,
+    session: Session,
+    celery: Celery,
+    settings: Settings,
+    tenant: Tenant,
+    job_id: uuid.UUID,
+    spec: ImportJobSpec,
+) -> Job:
+    """Queue the conversion of a torch upload already in the store at ``spec.upload_key``."""
+    return _submit(
+        session=session, celery=celery, settings=settings, tenant=tenant, kind=JobKind.IMPORT,
+        spec=spec.model_dump(mode="json"), model_id=None, idempotency_key=None, job_id=job_id,
+    )  # fmt: skip
+
+
 def _submit(
     *,
     session: Session,
@@ -105,6 +121,7 @@ def _submit(
     spec: dict[str, Any],
     model_id: uuid.UUID | None,
     idempotency_key: str | None,
+    job_id: uuid.UUID | None = None,
 ) -> Job:
     """Commit the job row, then enqueue it by task name with the job id as task id.
 
@@ -116,7 +133,7 @@ def _submit(
         if existing is not None:
             return _same_request_or_conflict(existing, kind, spec)
     job = Job(
-        tenant_id=tenant.id, kind=kind, spec=spec, model_id=model_id,
+        id=job_id or uuid.uuid4(), tenant_id=tenant.id, kind=kind, spec=spec, model_id=model_id,
         idempotency_key=idempotency_key,
     )  # fmt: skip
     session.add(job)

@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from celery import Celery
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -18,11 +19,15 @@ from api.safetensors_check import (
     read_header,
 )
 from api.schemas import ModelPublic
+from api.services import jobs as job_service
 from api.uploads import ReceivedUpload
-from common.artifacts import LocalArtifactStore, model_weights_key
-from common.models import ModelSource, Report, StoredModel, Tenant
+from common.artifacts import LocalArtifactStore, import_upload_key, model_weights_key
+from common.models import Job, ModelSource, Report, StoredModel, Tenant
+from common.settings import Settings
+from common.specs import ImportJobSpec
 from core.config import ARCHS
 
+TORCH_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive holding data.pkl
 CONVERT_HINT = (
     'convert it where you trust the file: python -c "import torch, safetensors.torch as st; '
     "st.save_file(torch.load('model.pt', weights_only=True), 'model.safetensors')\""
@@ -40,12 +45,21 @@ def model_public(model: StoredModel) -> ModelPublic:
 
 
 def register_upload(
-    *, session: Session, store: LocalArtifactStore, tenant: Tenant, upload: ReceivedUpload
-) -> StoredModel:
+    *,
+    session: Session,
+    store: LocalArtifactStore,
+    celery: Celery,
+    settings: Settings,
+    tenant: Tenant,
+    upload: ReceivedUpload,
+) -> StoredModel | Job:
     """Check the uploaded weights and metadata, publish the file, write the row.
 
-    Only safetensors is accepted: a torch ``.pt`` file is a pickle, which cannot be checked
-    without unpickling it. Nothing is kept for a rejected upload.
+    A safetensors file is checked here, without torch, and becomes a model at once. A torch
+    ``torch.save`` file (a zip holding a pickle) is never read here: it is stored as it is and
+    an import job converts it on a worker, which reads it with ``torch.load(weights_only=True)``
+    and checks it against the form; the job is returned. A bare pickle is refused. Nothing is
+    kept for a rejected upload.
     """
     staged = upload.staged
     try:
@@ -53,6 +67,11 @@ def register_upload(
             raise InvalidFieldError(("body", "file"), "a non-empty safetensors file is required")
         with staged.open("rb") as handle:
             head = handle.read(8)
+        if head.startswith(TORCH_ZIP_MAGIC):
+            return _queue_torch_import(
+                session=session, store=store, celery=celery, settings=settings, tenant=tenant,
+                upload=upload,
+            )  # fmt: skip
         if looks_like_pickle(head):
             raise UnsupportedUploadError(
                 "the file is a pickle (torch.save format); only safetensors is accepted "
@@ -91,6 +110,56 @@ def register_upload(
     finally:
         if staged is not None:
             staged.unlink(missing_ok=True)
+
+
+def _queue_torch_import(
+    *,
+    session: Session,
+    store: LocalArtifactStore,
+    celery: Celery,
+    settings: Settings,
+    tenant: Tenant,
+    upload: ReceivedUpload,
+) -> Job:
+    """Check the form (the file is checked by the worker), store the file, queue the job."""
+    fields = upload.fields
+    arch = fields.get("arch", "").strip()
+    if arch not in ARCHS:
+        raise InvalidFieldError(
+            ("body", "arch"), f"arch must be one of {list(ARCHS)}, got {arch!r}"
+        )
+    input_shape = _int_list(fields, "input_shape", required=True)
+    if len(input_shape) != 3 or min(input_shape) < 1:
+        raise InvalidFieldError(
+            ("body", "input_shape"),
+            f"input_shape must be [channels, height, width], got {input_shape}",
+        )
+    classes = _json_field(fields, "classes")
+    if classes is not None and not (
+        isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+    ):
+        raise InvalidFieldError(("body", "classes"), "classes must be a JSON list of names")
+    mean, std = _float_list(fields, "mean"), _float_list(fields, "std")
+    if (mean is None) != (std is None):
+        raise InvalidFieldError(
+            ("body", "mean" if mean is None else "std"), "give mean and std together"
+        )
+    job_id = uuid.uuid4()
+    spec = ImportJobSpec(
+        upload_key=import_upload_key(job_id), filename=upload.filename, sha256=upload.sha256,
+        name=fields.get("name") or None, arch=arch, input_shape=input_shape, classes=classes,
+        mean=mean, std=std,
+    )  # fmt: skip
+    assert upload.staged is not None
+    store.publish(spec.upload_key, upload.staged)
+    try:
+        return job_service.submit_import(
+            session=session, celery=celery, settings=settings, tenant=tenant, job_id=job_id,
+            spec=spec,
+        )  # fmt: skip
+    except BaseException:
+        store.delete(spec.upload_key)
+        raise
 
 
 def _upload_manifest(fields: dict[str, str], facts: dict[str, Any]) -> dict[str, Any]:

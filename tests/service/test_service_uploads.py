@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from servicekit import wait_for
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -83,26 +84,92 @@ def test_upload_download_and_card(client, make_tenant, convnet_bytes, settings) 
     assert [p.name for p in stored_files(settings)] == ["model.safetensors"]
 
 
-@pytest.mark.parametrize("container", ["pickle", "torch-zip"])
-def test_a_pickle_that_would_run_code_is_refused_and_never_runs(
-    client, make_tenant, clean_db, settings, tmp_path, container
+def test_a_bare_pickle_is_refused_and_never_runs(
+    client, make_tenant, clean_db, settings, tmp_path
 ) -> None:
     marker = tmp_path / "pwned"
     payload = pickle.dumps({"head.weight": CreatesAFile(marker)})
-    if container == "torch-zip":  # torch.save's layout: a zip holding data.pkl
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w") as archive:
-            archive.writestr("archive/data.pkl", payload)
-        payload = buffer.getvalue()
-    response = upload(client, make_tenant("eve"), payload, filename="model.pt")
+    response = upload(client, make_tenant("eve"), payload, filename="model.pkl")
     assert response.status_code == 415
     assert "safetensors" in response.json()["detail"]
     assert not marker.exists()
     assert model_rows(clean_db) == 0 and stored_files(settings) == []
     # The payload is live: loading it the unsafe way would have created the file.
-    if container == "pickle":
-        pickle.loads(payload)
-        assert marker.exists()
+    pickle.loads(payload)
+    assert marker.exists()
+
+
+def _wait_job(client, tenant, job_id: str) -> dict:  # type: ignore[no-untyped-def]
+    def finished() -> dict | None:
+        job = client.get(f"/v1/jobs/{job_id}", headers=tenant.headers).json()
+        return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
+    return wait_for(finished, timeout=120, interval=0.5, what=f"import job {job_id}")
+
+
+def test_a_torch_file_that_would_run_code_fails_its_import_and_never_runs(
+    client, make_tenant, start_worker, clean_db, settings, tmp_path
+) -> None:
+    """torch.save's layout (a zip holding data.pkl) goes to a worker, whose weights_only
+    reader refuses the payload's callable: the job fails, the code never runs, no model."""
+    worker = start_worker()
+    marker = tmp_path / "pwned"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("archive/data.pkl", pickle.dumps({"head.weight": CreatesAFile(marker)}))
+        archive.writestr("archive/version", "3\n")
+    tenant = make_tenant("eve")
+    response = upload(client, tenant, buffer.getvalue(), filename="model.pt")
+    assert response.status_code == 202, response.text
+    job = _wait_job(client, tenant, response.json()["id"])
+    assert job["status"] == "failed", worker.output()[-3000:]
+    assert "weights-only" in job["error"] and job["result_model_id"] is None
+    assert not marker.exists()
+    assert model_rows(clean_db) == 0 and stored_files(settings) == []
+
+
+def test_a_torch_state_dict_is_converted_to_safetensors_by_a_worker(
+    client, make_tenant, start_worker, clean_db, settings
+) -> None:
+    import torch
+
+    from core.checkpoint import load_extractor
+    from core.models import build_model
+
+    worker = start_worker()
+    torch.manual_seed(0)
+    model = build_model("convnet", in_channels=1, num_classes=10, mean=[0.3], std=[0.4])
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    tenant = make_tenant("hub")
+    response = upload(client, tenant, buffer.getvalue(), filename="model.pt")
+    assert response.status_code == 202, response.text
+    assert response.json()["kind"] == "import"
+    job = _wait_job(client, tenant, response.json()["id"])
+    assert job["status"] == "succeeded", (job["error"], worker.output()[-3000:])
+    stored = client.get(f"/v1/models/{job['result_model_id']}", headers=tenant.headers).json()
+    assert stored["name"] == "tiny" and stored["source"] == "upload"
+    assert stored["manifest"]["source_sha256"] == hashlib.sha256(buffer.getvalue()).hexdigest()
+    assert stored["manifest"]["classes"] == [str(i) for i in range(10)]
+    weights = client.get(stored["weights_url"], headers=tenant.headers)
+    path = settings.data_dir / "converted.safetensors"
+    path.write_bytes(weights.content)
+    assert weights.headers["X-Content-SHA256"] == hashlib.sha256(weights.content).hexdigest()
+    converted = load_extractor(path).model
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(converted.state_dict()[name], tensor), name
+    # The .pt itself is gone once converted: only the safetensors model stays.
+    assert sorted(p.name for p in stored_files(settings)) == ["manifest.json", "model.safetensors"]
+
+
+def test_a_torch_upload_with_a_bad_form_is_refused_before_anything_is_kept(
+    client, make_tenant, clean_db, settings
+) -> None:
+    payload = b"PK\x03\x04" + b"\0" * 100
+    response = upload(client, make_tenant("hub"), payload, form={**FORM, "arch": "vgg"},
+                      filename="model.pt")  # fmt: skip
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "arch"]
+    assert model_rows(clean_db) == 0 and stored_files(settings) == []
 
 
 def _tamper(data: bytes, change) -> bytes:  # type: ignore[no-untyped-def]
