@@ -6,7 +6,6 @@ Tasks take only the job id (the message is JSON); everything else is read from t
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import shutil
@@ -118,14 +117,6 @@ def job_work_dir(settings: Settings, job_id: uuid.UUID) -> Path:
     return settings.resolved_work_dir / str(job_id)
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def execute_pretrain(job: Job, resources: Resources, progress: ProgressWriter) -> None:
     from core.train import pretrain
 
@@ -168,7 +159,7 @@ def _store_model(
                     id=model_id, tenant_id=job.tenant_id, name=name, source=source,
                     arch=manifest["arch"], num_classes=manifest["num_classes"],
                     in_channels=manifest["in_channels"], feature_dim=manifest["feature_dim"],
-                    manifest=manifest, sha256=sha256_of(weights),
+                    manifest=manifest, sha256=manifest["weights_sha256"],
                     size_bytes=weights.stat().st_size, weights_key=model_weights_key(model_id),
                 )
             )
@@ -213,8 +204,6 @@ def _convert_upload(
     problems = []
     if spec.classes is not None and len(spec.classes) != model.num_classes:
         problems.append(f"classes: {len(spec.classes)} names for a head of {model.num_classes}")
-    if spec.mean is not None and len(spec.mean) != spec.input_shape[0]:
-        problems.append(f"mean/std: {len(spec.mean)} values for {spec.input_shape[0]} channels")
     if spec.mean is None and "normalization" not in loaded.manifest:
         problems.append("mean/std: the weights hold no normalize.mean/std; give mean and std")
     if problems:

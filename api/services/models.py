@@ -123,11 +123,7 @@ def _queue_torch_import(
 ) -> Job:
     """Check the form (the file is checked by the worker), store the file, queue the job."""
     fields = upload.fields
-    arch = fields.get("arch", "").strip()
-    if arch not in ARCHS:
-        raise InvalidFieldError(
-            ("body", "arch"), f"arch must be one of {list(ARCHS)}, got {arch!r}"
-        )
+    arch = _arch_field(fields)
     input_shape = _int_list(fields, "input_shape", required=True)
     if len(input_shape) != 3 or min(input_shape) < 1:
         raise InvalidFieldError(
@@ -139,16 +135,12 @@ def _queue_torch_import(
         isinstance(classes, list) and all(isinstance(c, str) for c in classes)
     ):
         raise InvalidFieldError(("body", "classes"), "classes must be a JSON list of names")
-    mean, std = _float_list(fields, "mean"), _float_list(fields, "std")
-    if (mean is None) != (std is None):
-        raise InvalidFieldError(
-            ("body", "mean" if mean is None else "std"), "give mean and std together"
-        )
+    normalization = _normalization_field(fields, channels=input_shape[0]) or {}
     job_id = uuid.uuid4()
     spec = ImportJobSpec(
         upload_key=import_upload_key(job_id), filename=upload.filename, sha256=upload.sha256,
         name=fields.get("name") or None, arch=arch, input_shape=input_shape, classes=classes,
-        mean=mean, std=std,
+        mean=normalization.get("mean"), std=normalization.get("std"),
     )  # fmt: skip
     assert upload.staged is not None
     store.publish(spec.upload_key, upload.staged)
@@ -164,11 +156,7 @@ def _queue_torch_import(
 
 def _upload_manifest(fields: dict[str, str], facts: dict[str, Any]) -> dict[str, Any]:
     """The manifest of an upload from its form fields, checked against the weights."""
-    arch = fields.get("arch", "").strip()
-    if arch not in ARCHS:
-        raise InvalidFieldError(
-            ("body", "arch"), f"arch must be one of {list(ARCHS)}, got {arch!r}"
-        )
+    arch = _arch_field(fields)
     if arch != facts["arch"]:
         raise InvalidFieldError(
             ("body", "arch"), f"arch is {arch!r} but the weights are a {facts['arch']}"
@@ -197,25 +185,41 @@ def _upload_manifest(fields: dict[str, str], facts: dict[str, Any]) -> dict[str,
                 f"classes must be a JSON list of {facts['num_classes']} names (the head's size)",
             )
         manifest["classes"] = classes
-    mean, std = _float_list(fields, "mean"), _float_list(fields, "std")
-    if (mean is None) != (std is None):
-        raise InvalidFieldError(
-            ("body", "mean" if mean is None else "std"), "give mean and std together"
-        )
-    if mean is not None and std is not None:
-        for name, values in (("mean", mean), ("std", std)):
-            if len(values) != facts["in_channels"] or (name == "std" and min(values) <= 0):
-                raise InvalidFieldError(
-                    ("body", name),
-                    f"{name} needs {facts['in_channels']} values"
-                    + (", all > 0" if name == "std" else ""),
-                )
-        manifest["normalization"] = {"mean": mean, "std": std}
+    normalization = _normalization_field(fields, channels=facts["in_channels"])
+    if normalization is not None:
+        manifest["normalization"] = normalization
     elif not facts["has_normalization"]:
         raise InvalidFieldError(
             ("body", "mean"), "the weights hold no normalize.mean/std: give mean and std"
         )
     return manifest
+
+
+def _arch_field(fields: dict[str, str]) -> str:
+    arch = fields.get("arch", "").strip()
+    if arch not in ARCHS:
+        raise InvalidFieldError(
+            ("body", "arch"), f"arch must be one of {list(ARCHS)}, got {arch!r}"
+        )
+    return arch
+
+
+def _normalization_field(fields: dict[str, str], *, channels: int) -> dict[str, list] | None:
+    """``{"mean": [...], "std": [...]}`` from the form, one value per channel; None if absent."""
+    mean, std = _float_list(fields, "mean"), _float_list(fields, "std")
+    if mean is None or std is None:
+        if (mean is None) != (std is None):
+            raise InvalidFieldError(
+                ("body", "mean" if mean is None else "std"), "give mean and std together"
+            )
+        return None
+    for name, values in (("mean", mean), ("std", std)):
+        if len(values) != channels or (name == "std" and min(values) <= 0):
+            raise InvalidFieldError(
+                ("body", name),
+                f"{name} needs {channels} values" + (", all > 0" if name == "std" else ""),
+            )
+    return {"mean": mean, "std": std}
 
 
 def _json_field(fields: dict[str, str], name: str) -> Any:

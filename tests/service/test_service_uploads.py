@@ -162,13 +162,16 @@ def test_a_torch_state_dict_is_converted_to_safetensors_by_a_worker(
     assert sorted(p.name for p in stored_files(settings)) == ["manifest.json", "model.safetensors"]
 
 
+@pytest.mark.parametrize(
+    ("form", "field"),
+    [({**FORM, "arch": "vgg"}, "arch"), ({**FORM, "mean": "0.1,0.2", "std": "0.3,0.3"}, "mean")],
+)
 def test_a_torch_upload_with_a_bad_form_is_refused_before_anything_is_kept(
-    client, make_tenant, clean_db, settings
+    client, make_tenant, clean_db, settings, form, field
 ) -> None:
     payload = b"PK\x03\x04" + b"\0" * 100
-    response = upload(client, make_tenant("hub"), payload, form={**FORM, "arch": "vgg"},
-                      filename="model.pt")  # fmt: skip
-    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "arch"]
+    response = upload(client, make_tenant("hub"), payload, form=form, filename="model.pt")
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", field]
     assert model_rows(clean_db) == 0 and stored_files(settings) == []
 
 
