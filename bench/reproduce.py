@@ -196,7 +196,7 @@ def render_table(reports: dict[str, dict], run: dict) -> str:
               "normalized drift at delta: smaller is more robust):", "",
               "| Defense | separation | normalized drift |", "|---|---|---|"]  # fmt: skip
     for name, report in reports.items():
-        if "screen" in report:
+        if report.get("screen"):
             s = report["screen"]
             lines.append(f"| {name} | {s['separation']:.3f} | {s['normalized_drift']:.3f} |")
     lines += ["", "Wall time per phase (s):", ""]
