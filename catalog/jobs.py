@@ -1,0 +1,52 @@
+"""Job kinds: what a job of each kind takes as its spec, and the Celery task that runs it.
+
+The API sends tasks by these names and never imports the worker; the worker registers one
+task per entry under the same name (``worker/tasks.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from pydantic import BaseModel
+
+from catalog.registry import Catalog, OneOf
+from catalog.requests import AuditJobCreate, ImportJobSpec, PretrainJobCreate
+
+
+@dataclass(frozen=True)
+class JobKindSpec:
+    name: str
+    title: str
+    spec: type[BaseModel]  # the job row's ``spec`` validates against this
+    task: str  # the Celery task name
+    has_report: bool = False  # whether a succeeded job has a report
+
+
+JOB_KINDS: Catalog[JobKindSpec] = Catalog(
+    "job kind",
+    [
+        JobKindSpec(
+            name="pretrain",
+            title="robust pre-training of a feature extractor",
+            spec=PretrainJobCreate,
+            task="bulwark.pretrain",
+        ),
+        JobKindSpec(
+            name="audit",
+            title="a clean-label poisoning audit of a stored model",
+            spec=AuditJobCreate,
+            task="bulwark.audit",
+            has_report=True,
+        ),
+        JobKindSpec(
+            name="import",
+            title="a torch state-dict upload converted to safetensors by a worker",
+            spec=ImportJobSpec,
+            task="bulwark.import",
+        ),
+    ],
+)
+
+JobKindName = Annotated[str, OneOf(JOB_KINDS)]

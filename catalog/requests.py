@@ -1,0 +1,155 @@
+"""What a client asks for: the request bodies of jobs, shared by the API, the worker and the CLI.
+
+A request holds only what the user chose; ``common.specs`` resolves it into the core's full
+config (recipe defaults, rescaled schedules, ranges), the same way for HTTP and the CLI.
+Fields the service sets itself (paths, devices) cannot be given as overrides: a tenant names
+data by dataset, never by server path.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from catalog.attacks import ATTACKS, DEFAULT_ATTACKS
+from catalog.defenses import DEFAULT_DEFENSE
+from catalog.names import ArchName, AttackName, DatasetName, DefenseName, RecipeName
+
+# Paper's target/poison pairs (Appendix A) by CIFAR-10 class index: airplane/horse,
+# bird/automobile, deer/automobile, frog/cat. Other datasets use the same indices.
+PAPER_PAIRS: tuple[tuple[int, int], ...] = ((0, 7), (2, 1), (4, 1), (6, 3))
+MAX_SEED = 2**32 - 1
+
+# Config fields that are request fields of their own or set by the service.
+RESERVED_PRETRAIN_OVERRIDES = frozenset(
+    {"dataset", "data_dir", "device", "arch", "defense", "recipe", "seed", "epochs"}
+)
+RESERVED_AUDIT_OVERRIDES = frozenset(
+    {"model", "dataset", "data_dir", "device", "attacks", "attack_settings", "pairs",
+     "targets_per_pair", "iterations", "delta", "seed"}
+)  # fmt: skip
+
+
+def _no_reserved(overrides: dict[str, Any], reserved: frozenset[str]) -> dict[str, Any]:
+    taken = sorted(reserved & overrides.keys())
+    if taken:
+        raise ValueError(f"set {taken} as top-level fields, not overrides")
+    return overrides
+
+
+class PretrainRequest(BaseModel):
+    """A robust pre-training run: a named recipe scaled to ``epochs``, plus overrides."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: DatasetName
+    arch: ArchName = "resnet18"
+    defense: DefenseName = DEFAULT_DEFENSE
+    recipe: RecipeName | None = Field(None, description="default: the paper's for the dataset")
+    epochs: int | None = Field(None, ge=1, le=10_000, description="default: the recipe's")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description='any other pre-training config field, e.g. {"lr": 0.05, "batch_size": 256}',
+    )
+
+    @field_validator("overrides")
+    @classmethod
+    def _no_reserved_overrides(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        return _no_reserved(overrides, RESERVED_PRETRAIN_OVERRIDES)
+
+
+class PretrainJobCreate(PretrainRequest):
+    name: str | None = Field(None, max_length=200, description="name of the produced model")
+
+
+class AuditRequest(BaseModel):
+    """An audit under the paper's protocol: which attacks, pairs, targets and budget."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: DatasetName = Field(description="the model's classes must match the dataset's")
+    attacks: list[AttackName] = Field(default_factory=lambda: list(DEFAULT_ATTACKS), min_length=1)
+    attack_settings: dict[AttackName, dict[str, Any]] = Field(
+        default_factory=dict,
+        description='per-attack settings, e.g. {"fc": {"mu": 0.2}, "bp": {"poisons": 10}}',
+    )
+    pairs: list[tuple[int, int]] | None = Field(
+        None, min_length=1, description="(target class, poison class); default: the paper's"
+    )
+    targets_per_pair: int = Field(10, ge=1, le=10_000)
+    iterations: int = Field(500, ge=1, le=100_000, description="optimization steps per attack")
+    delta: float = Field(25.5 / 255, gt=0, le=1, description="l_inf budget in [0,1] pixels")
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description='any other audit config field, e.g. {"retrain_epochs": 20}',
+    )
+
+    @field_validator("attacks")
+    @classmethod
+    def _unique_attacks(cls, attacks: list[str]) -> list[str]:
+        if len(set(attacks)) != len(attacks):
+            raise ValueError(f"attacks repeat: {attacks}")
+        return attacks
+
+    @field_validator("pairs")
+    @classmethod
+    def _distinct_classes(cls, pairs: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
+        for target, poison in pairs or ():
+            if target == poison or target < 0 or poison < 0:
+                raise ValueError(
+                    f"pair ({target}, {poison}): classes must be distinct non-negative indices"
+                )
+        if pairs is not None and len(set(pairs)) != len(pairs):
+            raise ValueError(f"pairs repeat: {pairs}")
+        return pairs
+
+    @field_validator("overrides")
+    @classmethod
+    def _no_reserved_audit_overrides(cls, overrides: dict[str, Any]) -> dict[str, Any]:
+        return _no_reserved(overrides, RESERVED_AUDIT_OVERRIDES)
+
+    @model_validator(mode="after")
+    def _settings_for_chosen_attacks(self) -> AuditRequest:
+        unused = sorted(set(self.attack_settings) - set(self.attacks))
+        if unused:
+            raise ValueError(f"attack_settings names {unused}, which are not in attacks")
+        return self
+
+    @property
+    def effective_pairs(self) -> tuple[tuple[int, int], ...]:
+        return tuple(self.pairs) if self.pairs is not None else PAPER_PAIRS
+
+    def attack_poisons(self) -> int:
+        """The most poisons any chosen attack uses per instance (at its defaults)."""
+        return max(
+            int(self.attack_settings.get(name, {}).get("poisons", ATTACKS.get(name).default_poisons))
+            for name in self.attacks
+        )
+
+
+class AuditJobCreate(AuditRequest):
+    model_id: uuid.UUID
+
+
+class ImportJobSpec(BaseModel):
+    """A torch ``.pt`` upload waiting in the artifact store, with its form's metadata.
+
+    The API never reads the file (it would have to unpickle it); a worker reads it with
+    ``torch.load(weights_only=True)``, checks it against this metadata and stores safetensors.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    upload_key: str
+    filename: str | None = None
+    sha256: str  # of the uploaded .pt file
+    name: str | None = None
+    arch: ArchName
+    input_shape: list[int] = Field(min_length=3, max_length=3)
+    classes: list[str] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
