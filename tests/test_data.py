@@ -1,4 +1,4 @@
-"""core.data: every reader on files written here in that format, the split, augmentation.
+"""core.data and core.datasets: every reader on files in its format, the split, augmentation.
 
 Each reader test writes a tiny dataset in the real on-disk format into ``tmp_path`` and checks
 pixels, labels and class names against what was written.
@@ -19,20 +19,21 @@ import pytest
 import torch
 from PIL import Image
 
-from core.config import SplitConfig
+from catalog.datasets import DATASETS, FASHION_MNIST_CLASSES, DatasetSpec, SplitConfig
 from core.data import (
-    FASHION_MNIST_CLASSES,
-    FASHION_MNIST_DIR,
     DatasetError,
+    ImageDataset,
     augment,
     channel_stats,
-    default_split,
     encode_png,
-    load_dataset,
-    read_idx,
     split_dataset,
     to_float,
 )
+from core.datasets import READERS, load_dataset, register_reader
+from core.datasets.idx import read_idx
+from core.errors import BulwarkError, ErrorKind
+
+FASHION_MNIST_DIR = str(DATASETS.get("fashion-mnist").default_dir)
 
 # ---- CIFAR-10 -------------------------------------------------------------------------------
 
@@ -208,9 +209,9 @@ def test_malicious_cifar_batch_is_refused_and_runs_nothing(tmp_path: Path, proto
 def test_cifar_pickle_cannot_set_attributes_on_the_readers_own_objects(
     tmp_path: Path, name: bytes
 ) -> None:
-    import core.data
+    import core.datasets.cifar10
 
-    allowed = list(core.data._PICKLE_GLOBALS.values())
+    allowed = list(core.datasets.cifar10._PICKLE_GLOBALS.values())
     names = [obj.__name__ for obj in allowed]  # type: ignore[attr-defined]
     _write_cifar(tmp_path)
     # GLOBAL <name>; BUILD {"__name__": "pwn", "marker": 1} onto it (setattr on the global).
@@ -358,7 +359,7 @@ def _write_image_folder(
 def test_image_folder_round_trips_pixels_exactly(tmp_path: Path, mode: str) -> None:
     root = tmp_path / "pets"
     written = _write_image_folder(root, mode)
-    ds = load_dataset(str(root))
+    ds = load_dataset("image-folder", str(root))
 
     channels = 1 if mode == "L" else 3
     assert ds.name == "pets" and ds.classes == ("cat", "dog")
@@ -375,7 +376,7 @@ def test_image_folder_round_trips_pixels_exactly(tmp_path: Path, mode: str) -> N
 def test_image_folder_accepts_val_and_data_dir(tmp_path: Path) -> None:
     root = tmp_path / "pets"
     _write_image_folder(root, "RGB", test_name="val")
-    ds = load_dataset("my-pets", str(root))
+    ds = load_dataset("image-folder", str(root))
     assert ds.test_x.shape == (3, 3, 5, 7) and ds.flip is True
 
 
@@ -384,7 +385,7 @@ def test_image_folder_with_mixed_sizes_raises_dataset_error(tmp_path: Path) -> N
     _write_image_folder(root, "RGB")
     Image.fromarray(np.zeros((9, 9, 3), np.uint8)).save(root / "train" / "dog" / "big.png")
     with pytest.raises(DatasetError, match="differ in size"):
-        load_dataset(str(root))
+        load_dataset("image-folder", str(root))
 
 
 def test_image_folder_with_a_corrupt_image_raises_dataset_error(tmp_path: Path) -> None:
@@ -392,7 +393,15 @@ def test_image_folder_with_a_corrupt_image_raises_dataset_error(tmp_path: Path) 
     _write_image_folder(root, "RGB")
     (root / "test" / "dog" / "999.png").write_bytes(b"\x89PNG truncated")
     with pytest.raises(DatasetError, match=r"999\.png"):
-        load_dataset(str(root))
+        load_dataset("image-folder", str(root))
+
+
+def test_image_folder_whose_first_image_is_corrupt_raises_dataset_error(tmp_path: Path) -> None:
+    root = tmp_path / "pets"
+    _write_image_folder(root, "RGB")
+    (root / "train" / "cat" / "000.png").write_bytes(b"\x89PNG truncated")
+    with pytest.raises(DatasetError, match=r"000\.png"):
+        load_dataset("image-folder", str(root))
 
 
 def test_image_folder_without_test_split_raises_dataset_error(tmp_path: Path) -> None:
@@ -400,12 +409,21 @@ def test_image_folder_without_test_split_raises_dataset_error(tmp_path: Path) ->
     _write_image_folder(root, "RGB")
     (root / "test").rename(root / "holdout")
     with pytest.raises(DatasetError, match=r"needs train/<class>/ and test/<class>/"):
-        load_dataset(str(root))
+        load_dataset("image-folder", str(root))
+
+
+def test_image_folder_needs_a_data_dir() -> None:
+    with pytest.raises(DatasetError, match="'image-folder' needs --data-dir"):
+        load_dataset("image-folder")
 
 
 def test_unknown_dataset_name_raises_dataset_error_listing_the_names(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="digits, fashion-mnist, mnist, cifar10"):
-        load_dataset(str(tmp_path / "no-such-folder"))
+        load_dataset("no-such-dataset")
+    # A folder's path is not a dataset name: mapping a path to image-folder is the CLI's job.
+    _write_image_folder(tmp_path / "pets", "RGB")
+    with pytest.raises(DatasetError, match="unknown dataset"):
+        load_dataset(str(tmp_path / "pets"))
 
 
 def test_encode_png_round_trips_grey_and_rgb() -> None:
@@ -616,11 +634,11 @@ def test_split_with_too_few_images_names_the_class_and_split_fields() -> None:
 
 def test_split_defaults_fit_the_real_digits_set() -> None:
     ds = load_dataset("digits")
-    counts = default_split("digits")
+    counts = DATASETS.get("digits").default_split
     split = split_dataset(ds.train_y, counts)
     assert len(split.pretrain) == 10 * counts.pretrain
     assert len(split.pool) == 10 * counts.pool
-    assert default_split("cifar10") == SplitConfig(pretrain=4800, retrain=50, pool=150)
+    assert DATASETS.get("cifar10").default_split == SplitConfig(pretrain=4800, retrain=50, pool=150)
 
 
 # ---- augmentation ---------------------------------------------------------------------------
@@ -715,3 +733,65 @@ def test_channel_stats_floor_the_std_of_a_constant_channel() -> None:
     x = torch.full((4, 1, 3, 3), 128, dtype=torch.uint8)
     mean, std = channel_stats(x)
     assert mean == pytest.approx([128 / 255]) and std == pytest.approx([1e-3])
+
+
+# ---- the registry ---------------------------------------------------------------------------
+
+
+def test_every_catalog_dataset_has_a_registered_reader() -> None:
+    missing = [spec.name for spec in DATASETS.entries() if spec.reader not in READERS]
+    assert not missing
+
+
+def test_dataset_error_is_a_bad_dataset_bulwark_error() -> None:
+    error = DatasetError("missing train-images-idx3-ubyte[.gz] in /data")
+    assert isinstance(error, BulwarkError) and isinstance(error, ValueError)
+    assert error.kind is ErrorKind.BAD_DATASET
+    assert error.user_message == "missing train-images-idx3-ubyte[.gz] in /data"
+
+
+def test_a_new_reader_is_one_function_and_a_catalog_entry(tmp_path: Path) -> None:
+    """A toy format (one .npy file per split) registered at run time loads like the built-ins."""
+    rng = np.random.default_rng(5)
+    train = rng.integers(0, 256, (6, 2, 3, 3), dtype=np.uint8)
+    test = rng.integers(0, 256, (2, 2, 3, 3), dtype=np.uint8)
+    np.save(tmp_path / "train.npy", train)
+    np.save(tmp_path / "test.npy", test)
+    spec = DatasetSpec(
+        name="toy",
+        title="toy .npy pairs",
+        reader="toy-npy",
+        num_classes=2,
+        channels=2,
+        size=(3, 3),
+        class_names=("even", "odd"),
+        flip=False,
+    )
+    seen: list[tuple[DatasetSpec, Path | None]] = []
+
+    DATASETS.register(spec)
+    try:
+
+        @register_reader("toy-npy")
+        def read_toy(spec: DatasetSpec, root: Path | None) -> ImageDataset:
+            seen.append((spec, root))
+            assert root is not None and spec.class_names is not None
+            x, t = (torch.from_numpy(np.load(root / f"{part}.npy")) for part in ("train", "test"))
+            y, u = torch.arange(len(x)) % 2, torch.arange(len(t)) % 2
+            return ImageDataset(spec.name, x, y, t, u, spec.class_names, flip=spec.flip)
+
+        with pytest.raises(ValueError, match="already registered"):
+            register_reader("toy-npy")(read_toy)
+        with pytest.raises(DatasetError, match="'toy' needs --data-dir"):
+            load_dataset("toy")
+        ds = load_dataset("toy", str(tmp_path))
+    finally:
+        DATASETS.unregister("toy")
+        READERS.pop("toy-npy", None)
+
+    assert seen == [(spec, tmp_path)]
+    assert ds.name == "toy" and ds.classes == ("even", "odd") and ds.flip is False
+    assert np.array_equal(ds.train_x.numpy(), train) and np.array_equal(ds.test_x.numpy(), test)
+    assert ds.train_y.tolist() == [0, 1, 0, 1, 0, 1]
+    assert ds.channels == 2 and ds.input_size == (3, 3)
+    assert "toy" not in DATASETS and "toy-npy" not in READERS
