@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from pydantic import BaseModel, ConfigDict
 
+from catalog.defenses import DEFENSES
 from catalog.registry import Catalog
 
 
@@ -41,13 +42,16 @@ class RecipeSpec:
     adversarial: Schedule  # defense "at"
     prototype: Schedule  # defenses "pcl" and "at-pcl"
 
-    def schedule(self, *, adversarial: bool, prototype: bool) -> Schedule:
-        if prototype:
+    def for_defense(self, defense: str) -> Schedule:
+        """The schedule of catalog defense ``defense``: PCL ones take the prototype schedule."""
+        kind = DEFENSES.get(defense)
+        if kind.prototype:
             return self.prototype
-        return self.adversarial if adversarial else self.standard
+        return self.adversarial if kind.adversarial else self.standard
 
 
-_PCL_SCHEDULE = {"epochs": 220, "milestones": (80, 120, 160, 200), "warmup_epochs": 100}
+# PC-Loss recipes (both appendices): 220 epochs, the base loss alone for the first 100.
+PCL_EPOCHS, PCL_MILESTONES, PCL_WARMUP = 220, (80, 120, 160, 200), 100
 
 RECIPES: Catalog[RecipeSpec] = Catalog(
     "recipe",
@@ -57,14 +61,18 @@ RECIPES: Catalog[RecipeSpec] = Catalog(
             title="Appendix A (CIFAR-10): 120 / 200 / 220 epochs, alpha 0.3",
             standard=Schedule(epochs=120, milestones=(80, 100)),
             adversarial=Schedule(epochs=200, milestones=(90, 120, 150)),
-            prototype=Schedule(**_PCL_SCHEDULE, alpha=0.3),
+            prototype=Schedule(
+                epochs=PCL_EPOCHS, milestones=PCL_MILESTONES, warmup_epochs=PCL_WARMUP, alpha=0.3
+            ),
         ),
         RecipeSpec(
             name="paper-tiny-imagenet",
             title="Appendix B (Tiny ImageNet): 200 / 200 / 220 epochs, alpha 0.5",
             standard=Schedule(epochs=200, milestones=(90, 120, 150)),
             adversarial=Schedule(epochs=200, milestones=(90, 120, 150)),
-            prototype=Schedule(**_PCL_SCHEDULE, alpha=0.5),
+            prototype=Schedule(
+                epochs=PCL_EPOCHS, milestones=PCL_MILESTONES, warmup_epochs=PCL_WARMUP, alpha=0.5
+            ),
         ),
         RecipeSpec(
             name="quick",

@@ -1,95 +1,46 @@
-"""Typed, validated job specs for the core (torch-free: the API validates with these too).
+"""Typed, validated configs of the core's two jobs (torch-free: the API validates with these).
 
-Every hyper-parameter of a pre-training run lives in :class:`PretrainConfig`. A config is built
-from a named recipe (Appendix A of the paper, or a quick CPU preset) plus explicit overrides with
-:func:`pretrain_config`; out-of-range values raise :class:`pydantic.ValidationError`, whose
-message names the field and the allowed range.
+Every hyper-parameter of a pre-training run lives in :class:`PretrainConfig`, every setting of
+an audit in :class:`AuditConfig`. Build them with :func:`pretrain_config` (a named recipe,
+scaled to ``epochs``, plus overrides) and :func:`audit_config` (the paper's protocol plus
+overrides, the re-training schedule rescaled with ``retrain_epochs``); requests from the CLI
+and the API both go through these two functions (``common.specs``), so the same request gives
+the same config. Out-of-range values raise :class:`pydantic.ValidationError`, whose message
+names the field and the allowed range.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    model_validator,
+)
 
-ARCHS = ("convnet", "resnet18", "resnet50")
-DEFENSES = ("none", "pcl", "at", "at-pcl")
-# Named datasets; anything else given as ``dataset`` is read as an image-folder path.
-DATASETS = ("digits", "fashion-mnist", "mnist", "cifar10", "tiny-imagenet")
+from catalog import (
+    ATTACKS,
+    DATASETS,
+    DEFAULT_ATTACKS,
+    DEFAULT_DEFENSE,
+    DEFENSES,
+    RECIPES,
+    ArchName,
+    AttackName,
+    AttackSettings,
+    DatasetName,
+    DefenseName,
+    RecipeName,
+    SplitConfig,
+    default_recipe,
+)
+from catalog.requests import MAX_SEED, PAPER_PAIRS
 
-Arch = Literal["convnet", "resnet18", "resnet50"]
-Defense = Literal["none", "pcl", "at", "at-pcl"]
 Precision = Literal["auto", "float32", "bfloat16"]
-
-
-class Recipe(BaseModel):
-    """A schedule preset: epochs and learning-rate milestones, in epochs."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    epochs: int
-    milestones: tuple[int, ...]
-    # Epochs trained with the defense's base loss before PC-Loss joins (PCL recipes only).
-    warmup_epochs: int = 0
-    alpha: float = 0.3
-
-    def scaled(self, epochs: int) -> Recipe:
-        """The same schedule stretched or squeezed to ``epochs``, milestones kept in proportion."""
-
-        def scale(epoch: int) -> int:
-            return max(1, min(epochs, round(epoch * epochs / self.epochs)))
-
-        milestones = tuple(sorted({scale(m) for m in self.milestones if scale(m) < epochs}))
-        warmup = min(scale(self.warmup_epochs), epochs - 1) if self.warmup_epochs else 0
-        return self.model_copy(
-            update={"epochs": epochs, "milestones": milestones, "warmup_epochs": warmup}
-        )
-
-
-def _paper(standard: Recipe, adversarial: Recipe, prototype: Recipe) -> dict[str, Recipe]:
-    return {"none": standard, "at": adversarial, "pcl": prototype, "at-pcl": prototype}
-
-
-_PCL_SCHEDULE = {"epochs": 220, "milestones": (80, 120, 160, 200), "warmup_epochs": 100}
-
-# Recipe name -> defense -> schedule. The paper's recipes are Appendix A (CIFAR-10) and
-# Appendix B (Tiny ImageNet); "quick" is a CPU preset of a few epochs with the same shape.
-RECIPES: dict[str, dict[str, Recipe]] = {
-    "paper": _paper(
-        Recipe(epochs=120, milestones=(80, 100)),
-        Recipe(epochs=200, milestones=(90, 120, 150)),
-        Recipe(**_PCL_SCHEDULE, alpha=0.3),
-    ),
-    "paper-tiny-imagenet": _paper(
-        Recipe(epochs=200, milestones=(90, 120, 150)),
-        Recipe(epochs=200, milestones=(90, 120, 150)),
-        Recipe(**_PCL_SCHEDULE, alpha=0.5),
-    ),
-    "quick": _paper(
-        Recipe(epochs=8, milestones=(5, 7)),
-        Recipe(epochs=8, milestones=(5, 7)),
-        Recipe(epochs=10, milestones=(6, 8), warmup_epochs=4, alpha=0.3),
-    ),
-}
-
-
-def default_recipe(dataset: str) -> str:
-    """The paper's recipe for ``dataset``: Appendix B for Tiny ImageNet, Appendix A otherwise."""
-    return "paper-tiny-imagenet" if dataset == "tiny-imagenet" else "paper"
-
-
-class SplitConfig(BaseModel):
-    """Per-class counts of the paper's split of the training set (Appendix A).
-
-    In class order, the first ``pretrain`` images of each class pre-train; of the rest, the
-    next ``retrain`` form the clean re-training set and the next ``pool`` the base-image pool.
-    """
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    pretrain: int = Field(4800, ge=1, description="pre-training images per class")
-    retrain: int = Field(50, ge=1, description="clean re-training images per class")
-    pool: int = Field(150, ge=1, description="base-pool images per class")
 
 
 class PretrainConfig(BaseModel):
@@ -97,13 +48,13 @@ class PretrainConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    dataset: str = Field(min_length=1, description="a name in DATASETS or an image-folder path")
+    dataset: DatasetName
     data_dir: str | None = Field(None, description="where the dataset's files are")
-    arch: Arch = "resnet18"
-    defense: Defense = "none"
-    recipe: str = "paper"
-    seed: int = Field(0, ge=0, le=2**32 - 1)
-    split: SplitConfig | None = None  # None: core.data.default_split(dataset)
+    arch: ArchName = "resnet18"
+    defense: DefenseName = DEFAULT_DEFENSE
+    recipe: RecipeName = "paper"
+    seed: int = Field(0, ge=0, le=MAX_SEED)
+    split: SplitConfig | None = None  # None: the dataset's default split (catalog)
 
     epochs: int = Field(120, ge=1, le=10_000)
     milestones: tuple[int, ...] = (80, 100)  # epochs after which lr is multiplied by lr_gamma
@@ -116,7 +67,7 @@ class PretrainConfig(BaseModel):
 
     # PC-Loss (Eq. 5, 6, 8)
     alpha: float = Field(0.3, gt=0, lt=1)  # weight of L_PC; CE (or the AT loss) gets 1 - alpha
-    warmup_epochs: int = Field(0, ge=0)  # base-loss epochs before the joint loss
+    warmup_epochs: int = Field(0, ge=0, le=10_000)  # base-loss epochs before the joint loss
     centroid_lr: float = Field(0.01, gt=0, le=10)  # SGD lr of the trainable class centroids
 
     # PGD adversarial training (Eq. 7, 8)
@@ -131,11 +82,11 @@ class PretrainConfig(BaseModel):
 
     @property
     def uses_pcl(self) -> bool:
-        return self.defense in ("pcl", "at-pcl")
+        return DEFENSES.get(self.defense).prototype
 
     @property
     def uses_at(self) -> bool:
-        return self.defense in ("at", "at-pcl")
+        return DEFENSES.get(self.defense).adversarial
 
     @property
     def step_size(self) -> float:
@@ -144,32 +95,38 @@ class PretrainConfig(BaseModel):
             return self.pgd_step_size
         return 2.5 * self.epsilon / self.pgd_steps
 
+    @property
+    def resolved_split(self) -> SplitConfig:
+        return self.split or DATASETS.get(self.dataset).default_split
+
     @model_validator(mode="after")
     def _check_schedule(self) -> Self:
-        if list(self.milestones) != sorted(set(self.milestones)):
-            raise ValueError(f"milestones must be strictly increasing, got {self.milestones}")
-        if any(not 1 <= m < self.epochs for m in self.milestones):
-            raise ValueError(
-                f"milestones must lie in [1, epochs - 1] = [1, {self.epochs - 1}], "
-                f"got {self.milestones}"
-            )
+        check_milestones("milestones", self.milestones, self.epochs)
         if self.uses_pcl and self.warmup_epochs >= self.epochs:
             raise ValueError(
                 f"warmup_epochs must lie in [0, epochs - 1] = [0, {self.epochs - 1}], "
                 f"got {self.warmup_epochs}"
             )
-        if self.recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {sorted(RECIPES)}, got {self.recipe!r}")
         return self
+
+
+def check_milestones(field: str, milestones: tuple[int, ...], epochs: int) -> None:
+    """Milestones strictly increasing inside [1, epochs - 1]; the message starts with ``field``."""
+    if list(milestones) != sorted(set(milestones)):
+        raise ValueError(f"{field} must be strictly increasing, got {milestones}")
+    if any(not 1 <= m < epochs for m in milestones):
+        raise ValueError(
+            f"{field} must lie in [1, epochs - 1] = [1, {epochs - 1}], got {milestones}"
+        )
 
 
 def pretrain_config(
     *,
     dataset: str,
-    defense: Defense = "none",
+    defense: str = DEFAULT_DEFENSE,
     recipe: str | None = None,
     epochs: int | None = None,
-    **overrides: object,
+    **overrides: Any,
 ) -> PretrainConfig:
     """A :class:`PretrainConfig` from a named recipe, scaled to ``epochs``, with overrides.
 
@@ -178,73 +135,108 @@ def pretrain_config(
     ``warmup_epochs`` overrides win over the scaled ones.
     """
     recipe = recipe or default_recipe(dataset)
-    if recipe not in RECIPES or defense not in RECIPES[recipe]:
-        # Let pydantic build the error so it reads like every other bad field.
-        return PretrainConfig(dataset=dataset, defense=defense, recipe=recipe)
-    schedule = RECIPES[recipe][defense]
-    if epochs is not None and epochs >= 1:
-        schedule = schedule.scaled(epochs)
-    values: dict[str, object] = {
-        "dataset": dataset,
-        "defense": defense,
-        "recipe": recipe,
-        "epochs": schedule.epochs if epochs is None else epochs,
-        "milestones": schedule.milestones,
-        "warmup_epochs": schedule.warmup_epochs,
-        "alpha": schedule.alpha,
-    }
+    values: dict[str, Any] = {"dataset": dataset, "defense": defense, "recipe": recipe}
+    if recipe in RECIPES and defense in DEFENSES:
+        schedule = RECIPES.get(recipe).for_defense(defense)
+        if epochs is not None and epochs >= 1:
+            schedule = schedule.scaled(epochs)
+        values |= {
+            "epochs": schedule.epochs,
+            "milestones": schedule.milestones,
+            "warmup_epochs": schedule.warmup_epochs,
+            "alpha": schedule.alpha,
+        }
+    if epochs is not None:
+        values["epochs"] = epochs
     values.update({k: v for k, v in overrides.items() if v is not None})
     return PretrainConfig.model_validate(values)
 
 
-AttackName = Literal["fc", "cp", "bp"]
-# The paper's target/poison pairs (Appendix A) by CIFAR-10 class index: airplane/horse,
-# bird/automobile, deer/automobile, frog/cat.
-PAPER_PAIRS: tuple[tuple[int, int], ...] = ((0, 7), (2, 1), (4, 1), (6, 3))
+# The paper's head re-training (Appendix A): x0.1 at 60% and 80% of the epochs.
+PAPER_RETRAIN_EPOCHS = 100
+PAPER_RETRAIN_MILESTONES = (60, 80)
+
+
+def scaled_retrain_milestones(epochs: int) -> tuple[int, ...]:
+    """The paper's re-training milestones (60 and 80 of 100 epochs) in proportion to ``epochs``."""
+    return tuple(
+        sorted(
+            {
+                round(m * epochs / PAPER_RETRAIN_EPOCHS)
+                for m in PAPER_RETRAIN_MILESTONES
+                if 1 <= round(m * epochs / PAPER_RETRAIN_EPOCHS) < epochs
+            }
+        )
+    )
 
 
 class AuditConfig(BaseModel):
     """Everything a poisoning audit depends on (the paper's protocol, Appendix A).
 
-    Pixel budgets and step sizes are in [0,1] pixel units. The attacks' own settings
-    (``fc_*``, ``polytope_*``) are documented in ``core.attacks``.
+    Pixel budgets and step sizes are in [0,1] pixel units. ``attack_settings`` holds, for
+    every attack in ``attacks``, its full settings (the catalog's model for that attack,
+    documented in ``catalog.attacks`` and ``core.attacks``).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: str = Field(min_length=1, description="checkpoint folder or weights file")
-    dataset: str = Field(min_length=1, description="a name in DATASETS or an image-folder path")
+    dataset: DatasetName
     data_dir: str | None = Field(None, description="where the dataset's files are")
-    split: SplitConfig | None = None  # None: core.data.default_split(dataset)
+    split: SplitConfig | None = None  # None: the dataset's default split (catalog)
 
-    attacks: tuple[AttackName, ...] = Field(("fc", "cp", "bp"), min_length=1)
+    attacks: tuple[AttackName, ...] = Field(DEFAULT_ATTACKS, min_length=1)
+    attack_settings: dict[str, SerializeAsAny[AttackSettings]] = Field(default_factory=dict)
     pairs: tuple[tuple[int, int], ...] = Field(PAPER_PAIRS, min_length=1)  # (target, poison)
     targets_per_pair: int = Field(10, ge=1, le=10_000)  # test images attacked per pair
     iterations: int = Field(500, ge=1, le=100_000)  # optimization steps per attack
     delta: float = Field(25.5 / 255, ge=0, le=1)  # l_inf budget around each base image
 
-    fc_poisons: int = Field(1, ge=1, le=100)  # poisons per FC instance
-    fc_step: float = Field(0.25 * 25.5 / 255, gt=0, le=1)  # l_inf size of FC's first step
-    fc_mu: float = Field(0.1, ge=0, le=1e6)  # FC's proximity weight (core.attacks)
-    polytope_poisons: int = Field(5, ge=1, le=100)  # poisons per CP / BP instance
-    polytope_lr: float = Field(0.04, gt=0, le=1)  # Adam step on CP / BP poisons, pixels
-    cp_coefficient_steps: int = Field(10, ge=1, le=10_000)  # simplex steps per CP iteration
-
     # Re-training of the linear head on frozen features (Appendix A: Adam, 100 epochs).
-    retrain_epochs: int = Field(100, ge=1, le=100_000)
+    retrain_epochs: int = Field(PAPER_RETRAIN_EPOCHS, ge=1, le=100_000)
     retrain_lr: float = Field(0.1, gt=0, le=10)
-    retrain_milestones: tuple[int, ...] = (60, 80)  # epochs after which lr *= retrain_gamma
+    retrain_milestones: tuple[int, ...] = PAPER_RETRAIN_MILESTONES  # lr *= retrain_gamma after
     retrain_gamma: float = Field(0.1, gt=0, le=1)
     retrain_batch_size: int = Field(64, ge=1, le=1_000_000)  # images per Adam step
 
-    eval_images: int | None = Field(None, ge=1)  # test images for Pre./Re. Acc; None: all
+    eval_images: int | None = Field(None, ge=1, le=10_000_000)  # for Pre./Re. Acc; None: all
     # The Eq. 4a/4b feature-space screen (core.screen) on the first test images, PGD at delta.
     screen_images: int = Field(500, ge=0, le=1_000_000)  # 0 turns the screen off
     screen_steps: int = Field(10, ge=1, le=1000)  # PGD steps of the drift measurement
-    attack_batch_size: int | None = Field(None, ge=1)  # images per forward; None: all at once
-    seed: int = Field(0, ge=0, le=2**32 - 1)  # chooses targets and bases; seeds re-training
+    attack_batch_size: int | None = Field(None, ge=1, le=1_000_000)  # None: all at once
+    seed: int = Field(0, ge=0, le=MAX_SEED)  # chooses targets and bases; seeds re-training
     precision: Precision = "auto"  # auto: bfloat16 on CUDA and CPUs with AMX or AVX512_BF16
     device: str | None = None  # None: cuda when present, else cpu
+
+    @model_validator(mode="before")
+    @classmethod
+    def _complete_attack_settings(cls, values: Any) -> Any:
+        """Every chosen attack gets its catalog settings model, defaults filled in."""
+        if not isinstance(values, dict):
+            return values
+        attacks = values.get("attacks", DEFAULT_ATTACKS)
+        given = values.get("attack_settings") or {}
+        if not isinstance(attacks, list | tuple) or not isinstance(given, dict):
+            return values  # the field validators name the bad type
+        unused = sorted(set(given) - set(attacks))
+        if unused:
+            raise ValueError(f"attack_settings names {unused}, which are not in attacks")
+        settings, problems = {}, []
+        for name in attacks:
+            if name not in ATTACKS:
+                return values  # the attacks field names the unknown attack
+            raw = given.get(name, {})
+            model = ATTACKS.get(name).settings
+            try:
+                settings[name] = raw if isinstance(raw, model) else model.model_validate(raw)
+            except ValidationError as error:
+                problems += [
+                    {**item, "loc": ("attack_settings", name, *item["loc"])}
+                    for item in error.errors(include_url=False)
+                ]
+        if problems:  # every bad setting, located in the config
+            raise ValidationError.from_exception_data(cls.__name__, problems)  # type: ignore[arg-type]
+        return {**values, "attack_settings": settings}
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -258,12 +250,53 @@ class AuditConfig(BaseModel):
                 )
         if len(set(self.pairs)) != len(self.pairs):
             raise ValueError(f"pairs must not repeat, got {self.pairs}")
-        milestones = self.retrain_milestones
-        if list(milestones) != sorted(set(milestones)):
-            raise ValueError(f"retrain_milestones must be strictly increasing, got {milestones}")
-        if any(not 1 <= m < self.retrain_epochs for m in milestones):
-            raise ValueError(
-                f"retrain_milestones must lie in [1, retrain_epochs - 1] = "
-                f"[1, {self.retrain_epochs - 1}], got {milestones}"
-            )
+        check_milestones("retrain_milestones", self.retrain_milestones, self.retrain_epochs)
         return self
+
+    @property
+    def resolved_split(self) -> SplitConfig:
+        return self.split or DATASETS.get(self.dataset).default_split
+
+    def poisons(self, attack: str) -> int:
+        """Poisons per instance of ``attack``."""
+        return self.attack_settings[attack].poisons
+
+    @property
+    def max_poisons(self) -> int:
+        return max(self.poisons(name) for name in self.attacks)
+
+
+def audit_config(**values: Any) -> AuditConfig:
+    """An :class:`AuditConfig` from the given fields (None means the default).
+
+    A ``retrain_epochs`` without ``retrain_milestones`` keeps the paper's schedule shape
+    (x0.1 at 60% and 80% of the epochs).
+    """
+    given = {k: v for k, v in values.items() if v is not None}
+    epochs = given.get("retrain_epochs")
+    if isinstance(epochs, int) and epochs >= 1 and "retrain_milestones" not in given:
+        given["retrain_milestones"] = scaled_retrain_milestones(epochs)
+    # Bad attack settings are reported together with every other bad field: check them
+    # apart, and validate the rest without them.
+    settings = given.get("attack_settings")
+    problems: list[Any] = []  # pydantic's ErrorDetails, re-raised as InitErrorDetails
+    if isinstance(settings, dict):
+        valid = {}
+        for name, raw in settings.items():
+            try:
+                AuditConfig.model_validate({**given, "attack_settings": {name: raw}})
+            except ValidationError as error:
+                mine = [e for e in error.errors() if e["loc"][:2] == ("attack_settings", name)]
+                if mine:
+                    problems += mine
+                    continue
+            valid[name] = raw
+        given["attack_settings"] = valid
+    try:
+        config = AuditConfig.model_validate(given)
+    except ValidationError as error:
+        every = [*problems, *error.errors()]
+        raise ValidationError.from_exception_data(AuditConfig.__name__, every) from None
+    if problems:
+        raise ValidationError.from_exception_data(AuditConfig.__name__, problems)
+    return config

@@ -8,15 +8,34 @@ import sys
 
 
 def bulwark(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bulwark.cli", *args],
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "bulwark.cli", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_pretrain_writes_a_hardened_checkpoint_and_prints_pre_acc(tmp_path) -> None:
     out = tmp_path / "run"
-    done = bulwark("pretrain", "--dataset", "digits", "--arch", "convnet", "--defense", "pcl",
-                   "--recipe", "quick", "--epochs", "2", "--seed", "7", "--alpha", "0.4",
-                   "--set", "momentum=0.8", "--out", str(out))  # fmt: skip
+    done = bulwark(
+        "pretrain",
+        "--dataset",
+        "digits",
+        "--arch",
+        "convnet",
+        "--defense",
+        "pcl",
+        "--recipe",
+        "quick",
+        "--epochs",
+        "2",
+        "--seed",
+        "7",
+        "--alpha",
+        "0.4",
+        "--set",
+        "momentum=0.8",
+        "--out",
+        str(out),
+    )
     assert done.returncode == 0, done.stderr
     assert "Pre. Acc" in done.stdout
     manifest = json.loads((out / "manifest.json").read_text())

@@ -9,46 +9,44 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from core.config import (
-    RECIPES,
-    PretrainConfig,
-    Recipe,
-    SplitConfig,
-    default_recipe,
-    pretrain_config,
-)
+from catalog import DEFENSES, RECIPES, Schedule, SplitConfig, default_recipe
+from core.config import PretrainConfig, pretrain_config
+
+
+def schedule(recipe: str, defense: str) -> Schedule:
+    return RECIPES.get(recipe).for_defense(defense)
+
 
 # ---- recipes (Appendix A and B of the paper) ------------------------------------------------
 
 
 def test_paper_recipes_match_appendix_a() -> None:
-    paper = RECIPES["paper"]
-    assert (paper["none"].epochs, paper["none"].milestones) == (120, (80, 100))
-    assert (paper["at"].epochs, paper["at"].milestones) == (200, (90, 120, 150))
+    none, at = schedule("paper", "none"), schedule("paper", "at")
+    assert (none.epochs, none.milestones) == (120, (80, 100))
+    assert (at.epochs, at.milestones) == (200, (90, 120, 150))
     for defense in ("pcl", "at-pcl"):
-        recipe = paper[defense]
+        recipe = schedule("paper", defense)
         assert recipe.epochs == 220
         assert recipe.milestones == (80, 120, 160, 200)
         assert recipe.warmup_epochs == 100
         assert recipe.alpha == 0.3
-    assert paper["none"].warmup_epochs == 0 and paper["at"].warmup_epochs == 0
+    assert none.warmup_epochs == 0 and at.warmup_epochs == 0
 
 
 def test_tiny_imagenet_recipe_matches_appendix_b() -> None:
-    tiny = RECIPES["paper-tiny-imagenet"]
     for defense in ("none", "at"):
-        assert (tiny[defense].epochs, tiny[defense].milestones) == (200, (90, 120, 150))
+        tiny = schedule("paper-tiny-imagenet", defense)
+        assert (tiny.epochs, tiny.milestones) == (200, (90, 120, 150))
     for defense in ("pcl", "at-pcl"):
-        assert tiny[defense].alpha == 0.5
-        assert tiny[defense].epochs == 220 and tiny[defense].warmup_epochs == 100
+        tiny = schedule("paper-tiny-imagenet", defense)
+        assert tiny.alpha == 0.5 and tiny.epochs == 220 and tiny.warmup_epochs == 100
     assert default_recipe("tiny-imagenet") == "paper-tiny-imagenet"
     assert default_recipe("cifar10") == "paper" and default_recipe("digits") == "paper"
 
 
 def test_every_recipe_covers_every_defense_with_a_valid_schedule() -> None:
-    for name, by_defense in RECIPES.items():
-        assert set(by_defense) == {"none", "pcl", "at", "at-pcl"}, name
-        for defense in by_defense:
+    for name in RECIPES:
+        for defense in DEFENSES:
             config = pretrain_config(dataset="digits", defense=defense, recipe=name)
             assert config.recipe == name
 
@@ -68,7 +66,8 @@ def test_paper_defaults_of_the_config() -> None:
     assert config.batch_size == 128 and config.lr == 0.1 and config.lr_gamma == 0.1
     assert config.momentum == 0.9 and config.epsilon == pytest.approx(4 / 255)
     assert config.pgd_steps == 10 and config.random_start and config.feature_term
-    assert not config.uses_at and not config.uses_pcl
+    # The product's default defense is the paper's strongest: AT joint with PC-Loss.
+    assert config.defense == "at-pcl" and config.uses_at and config.uses_pcl
 
 
 # ---- scaling --------------------------------------------------------------------------------
@@ -76,7 +75,7 @@ def test_paper_defaults_of_the_config() -> None:
 
 @pytest.mark.parametrize("epochs", [11, 22, 44, 110, 440])
 def test_scaled_recipe_keeps_milestones_and_warmup_in_proportion(epochs: int) -> None:
-    recipe = RECIPES["paper"]["pcl"]
+    recipe = schedule("paper", "pcl")
     scaled = recipe.scaled(epochs)
     assert scaled.epochs == epochs
     assert len(scaled.milestones) == len(recipe.milestones)
@@ -88,15 +87,15 @@ def test_scaled_recipe_keeps_milestones_and_warmup_in_proportion(epochs: int) ->
 
 
 def test_scaled_recipe_examples() -> None:
-    assert RECIPES["paper"]["none"].scaled(12).milestones == (8, 10)
-    assert RECIPES["paper"]["at"].scaled(20).milestones == (9, 12, 15)
-    pcl = RECIPES["paper"]["pcl"].scaled(22)
+    assert schedule("paper", "none").scaled(12).milestones == (8, 10)
+    assert schedule("paper", "at").scaled(20).milestones == (9, 12, 15)
+    pcl = schedule("paper", "pcl").scaled(22)
     assert (pcl.milestones, pcl.warmup_epochs) == ((8, 12, 16, 20), 10)
 
 
 def test_scaled_to_very_few_epochs_stays_valid() -> None:
     for epochs in (1, 2, 3):
-        scaled = RECIPES["paper"]["pcl"].scaled(epochs)
+        scaled = schedule("paper", "pcl").scaled(epochs)
         assert all(1 <= m < epochs for m in scaled.milestones)
         assert list(scaled.milestones) == sorted(set(scaled.milestones))
         assert 0 <= scaled.warmup_epochs < epochs
@@ -211,7 +210,7 @@ def test_bad_milestones_raise_with_the_allowed_range(
     milestones: tuple[int, ...], match: str
 ) -> None:
     with pytest.raises(ValidationError, match=match) as info:
-        pretrain_config(dataset="digits", milestones=milestones)
+        pretrain_config(dataset="digits", defense="none", milestones=milestones)
     assert "milestones" in str(info.value)
 
 
@@ -224,10 +223,12 @@ def test_warmup_must_end_before_the_last_epoch_for_pcl() -> None:
 
 
 def test_unknown_recipe_raises_validation_error_listing_the_recipes() -> None:
-    with pytest.raises(ValidationError, match=r"recipe must be one of.*'paper'") as info:
+    with pytest.raises(
+        ValidationError, match=r"unknown recipe 'fast'; valid recipes: paper"
+    ) as info:
         pretrain_config(dataset="digits", recipe="fast")
-    assert "'fast'" in str(info.value)
-    with pytest.raises(ValidationError, match="recipe must be one of"):
+    assert info.value.errors()[0]["loc"] == ("recipe",)
+    with pytest.raises(ValidationError, match="valid recipes"):
         PretrainConfig(dataset="digits", recipe="fast")
 
 
@@ -244,7 +245,7 @@ def test_extra_fields_are_forbidden() -> None:
         lambda: pretrain_config(dataset="digits", learning_rate=0.1),
         lambda: PretrainConfig(dataset="digits", learning_rate=0.1),  # type: ignore[call-arg]
         lambda: SplitConfig(pretrian=10),  # type: ignore[call-arg]
-        lambda: Recipe(epochs=3, milestones=(1,), gamma=0.2),  # type: ignore[call-arg]
+        lambda: Schedule(epochs=3, milestones=(1,), gamma=0.2),  # type: ignore[call-arg]
     ):
         with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
             build()
@@ -276,3 +277,123 @@ def test_importing_core_config_leaves_torch_out() -> None:
         cwd=Path(__file__).resolve().parents[1],
     )
     assert result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+# ---- one resolution path for the CLI and the API -------------------------------------------
+
+
+def _cli_args(command: str, argv: list[str]):
+    """The namespace ``bulwark COMMAND argv`` parses to (without running anything)."""
+    import argparse
+    import importlib
+
+    module = importlib.import_module(f"bulwark.commands.{command}")
+    parser = argparse.ArgumentParser()
+    module.add_parser(parser.add_subparsers(), command, "")
+    return module, parser.parse_args([command, *argv])
+
+
+def test_cli_and_api_resolve_the_same_audit_request_to_the_same_config() -> None:
+    from catalog.requests import AuditJobCreate
+    from common.specs import resolve_audit
+
+    module, args = _cli_args(
+        "audit",
+        [
+            "--model",
+            "m",
+            "--dataset",
+            "fashion-mnist",
+            "--attacks",
+            "fc,bp",
+            "--pairs",
+            "0:7,2:1",
+            "--retrain-epochs",
+            "20",
+            "--attack-set",
+            "fc.mu=0.2",
+            "--set",
+            "retrain_lr=0.05",
+            "--iterations",
+            "50",
+            "--out",
+            "r.json",
+        ],
+    )
+    cli_request, data_dir = module.build_request(args)
+    api_request = AuditJobCreate.model_validate(
+        {
+            "model_id": "00000000-0000-0000-0000-000000000001",
+            "dataset": "fashion-mnist",
+            "attacks": ["fc", "bp"],
+            "pairs": [[0, 7], [2, 1]],
+            "iterations": 50,
+            "attack_settings": {"fc": {"mu": 0.2}},
+            "overrides": {"retrain_epochs": 20, "retrain_lr": 0.05},
+        }
+    )
+    cli = resolve_audit(cli_request, model="m", data_dir=data_dir)
+    api = resolve_audit(api_request, model="m")
+    assert cli == api
+    # The documented example: retrain_epochs alone rescales the milestones (x0.1 at 60%, 80%).
+    assert api.retrain_milestones == (12, 16) and api.attack_settings["fc"].mu == 0.2
+
+
+def test_cli_and_api_resolve_the_same_pretrain_request_to_the_same_config() -> None:
+    from catalog.requests import PretrainJobCreate
+    from common.specs import resolve_pretrain
+
+    module, args = _cli_args(
+        "pretrain",
+        [
+            "--dataset",
+            "digits",
+            "--arch",
+            "convnet",
+            "--epochs",
+            "5",
+            "--alpha",
+            "0.4",
+            "--set",
+            "momentum=0.8",
+            "--split",
+            "100:10:25",
+            "--out",
+            "x",
+        ],
+    )
+    cli_request, _ = module.build_request(args)
+    api_request = PretrainJobCreate.model_validate(
+        {
+            "dataset": "digits",
+            "arch": "convnet",
+            "epochs": 5,
+            "overrides": {
+                "alpha": 0.4,
+                "momentum": 0.8,
+                "split": {"pretrain": 100, "retrain": 10, "pool": 25},
+            },
+        }
+    )
+    cli, api = resolve_pretrain(cli_request), resolve_pretrain(api_request)
+    assert cli == api
+    # Both default to the product's defense and the paper's recipe, scaled to 5 epochs.
+    assert api.defense == "at-pcl" and api.recipe == "paper" and api.epochs == 5
+
+
+def test_every_invalid_field_of_a_request_is_reported_at_once() -> None:
+    from catalog.requests import AuditRequest
+    from common.specs import SpecError, resolve_audit
+
+    request = AuditRequest(
+        dataset="digits",
+        attack_settings={"fc": {"mu": -1}},
+        overrides={"retrain_lr": -1, "screen_steps": 0},
+    )
+    with pytest.raises(SpecError) as info:
+        resolve_audit(request, model="m")
+    assert {error["loc"] for error in info.value.errors} == {
+        ("attack_settings", "fc", "mu"),
+        ("overrides", "retrain_lr"),
+        ("overrides", "screen_steps"),
+    }

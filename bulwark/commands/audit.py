@@ -1,4 +1,4 @@
-"""``bulwark audit``: run FC, CP and BP against an extractor and write the ASR report.
+"""``bulwark audit``: run poisoning attacks against an extractor and write the ASR report.
 
 Example (a quick audit of a checkpoint trained on Fashion-MNIST)::
 
@@ -13,12 +13,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# Bars are drawn per phase; the numbers they show are iterations (craft) or fractions.
-_SUMMARY_HEADER = f"{'attack':<7}{'ASR':>14}{'95% CI':>16}{'baseline':>11}{'Re. Acc':>17}"
+from bulwark.commands.requests import (
+    dataset_argument,
+    given,
+    option_names,
+    report_errors,
+    set_values,
+    split_argument,
+)
+from catalog import ATTACKS, DEFAULT_ATTACKS
+from catalog.requests import PAPER_PAIRS, AuditRequest
 
 
-def _pairs(text: str) -> tuple[tuple[int, int], ...]:
-    """``0:7,2:1`` -> ((0, 7), (2, 1))."""
+def _pairs(text: str) -> list[tuple[int, int]]:
+    """``0:7,2:1`` -> [(0, 7), (2, 1)]."""
     pairs = []
     for item in text.split(","):
         target, sep, poison = item.strip().partition(":")
@@ -28,119 +36,139 @@ def _pairs(text: str) -> tuple[tuple[int, int], ...]:
             pairs.append((int(target), int(poison)))
         except ValueError:
             raise argparse.ArgumentTypeError(f"class indices must be integers: {item!r}") from None
-    return tuple(pairs)
+    return pairs
 
 
-def _attacks(text: str) -> tuple[str, ...]:
-    return tuple(name.strip().lower() for name in text.split(",") if name.strip())
+def _attacks(text: str) -> list[str]:
+    return [name.strip().lower() for name in text.split(",") if name.strip()]
 
 
 def add_parser(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
-        name, help=help_text, description=__doc__,
+        name,
+        help=help_text,
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    paper_pairs = ",".join(f"{t}:{p}" for t, p in PAPER_PAIRS)
     parser.add_argument("--model", required=True, help="checkpoint folder or weights file")
-    parser.add_argument("--dataset", required=True, help="dataset name or image-folder path")
+    parser.add_argument(
+        "--dataset", required=True, type=dataset_argument, help="dataset name or image-folder path"
+    )
     parser.add_argument("--data-dir", help="folder holding the dataset's files")
-    parser.add_argument("--attacks", type=_attacks, default=("fc", "cp", "bp"),
-                        help="comma-separated subset of fc,cp,bp (default: all)")  # fmt: skip
-    parser.add_argument("--pairs", type=_pairs, default=None,
-                        help="TARGET:POISON class pairs (default: 0:7,2:1,4:1,6:3)")  # fmt: skip
-    parser.add_argument("--targets-per-pair", type=int, default=None)
-    parser.add_argument("--iterations", type=int, default=None)
-    parser.add_argument("--delta", type=float, default=None, help="l_inf budget in [0,1] units")
-    parser.add_argument("--retrain-epochs", type=int, default=None)
-    parser.add_argument("--split", default=None,
-                        help="per-class split counts PRETRAIN:RETRAIN:POOL (default: the "
-                             "dataset's)")  # fmt: skip
-    parser.add_argument("--eval-images", type=int, default=None,
-                        help="test images for Pre./Re. Acc (default: all)")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: auto)")
-    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default=None)
+    parser.add_argument(
+        "--attacks",
+        type=_attacks,
+        help=f"comma-separated, of {','.join(ATTACKS)} (default: {','.join(DEFAULT_ATTACKS)})",
+    )
+    parser.add_argument(
+        "--attack-set",
+        dest="attack_settings",
+        action="append",
+        default=[],
+        metavar="ATTACK.FIELD=VALUE",
+        help="an attack's setting, e.g. --attack-set fc.mu=0.2 --attack-set bp.poisons=10",
+    )
+    parser.add_argument(
+        "--pairs", type=_pairs, help=f"TARGET:POISON class pairs (default: {paper_pairs})"
+    )
+    parser.add_argument("--targets-per-pair", type=int, help="default: 10")
+    parser.add_argument("--iterations", type=int, help="default: 500")
+    parser.add_argument(
+        "--delta", type=float, help="l_inf budget in [0,1] units (default: 25.5/255)"
+    )
+    parser.add_argument(
+        "--retrain-epochs", type=int, help="default: 100; milestones keep the 60%%/80%% shape"
+    )
+    parser.add_argument(
+        "--split", type=split_argument, help="per-class PRETRAIN:RETRAIN:POOL counts"
+    )
+    parser.add_argument(
+        "--eval-images", type=int, help="test images for Pre./Re. Acc (default: all)"
+    )
+    parser.add_argument("--seed", type=int, help="default: 0")
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="any other audit config field, e.g. --set retrain_lr=0.05",
+    )
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: auto)")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"))
     parser.add_argument("--out", type=Path, required=True, help="where to write report.json")
     parser.add_argument(
-        "--save-poisons", type=Path, default=None, metavar="DIR",
+        "--save-poisons",
+        type=Path,
+        metavar="DIR",
         help="also write <attack>.npz and <attack>.png poison grids here",
     )
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, flags=option_names(parser))
     return parser
 
 
-def _config(args: argparse.Namespace) -> Any:
-    from core.config import AuditConfig, SplitConfig
+def _attack_settings(pairs: list[str]) -> dict[str, dict[str, Any]]:
+    settings: dict[str, dict[str, Any]] = {}
+    for field, value in set_values(pairs, flag="--attack-set").items():
+        attack, sep, name = field.partition(".")
+        if not sep or not name:
+            raise ValueError(f"--attack-set: expected ATTACK.FIELD=VALUE, got {field!r}")
+        settings.setdefault(attack, {})[name] = value
+    return settings
 
-    values: dict[str, Any] = {
-        "model": str(args.model),
-        "dataset": args.dataset,
-        "data_dir": args.data_dir,
-        "attacks": args.attacks,
-        "pairs": args.pairs,
-        "targets_per_pair": args.targets_per_pair,
-        "iterations": args.iterations,
-        "delta": args.delta,
-        "retrain_epochs": args.retrain_epochs,
-        "eval_images": args.eval_images,
-        "seed": args.seed,
-        "device": args.device,
-        "precision": args.precision,
-    }
-    if args.split:
-        counts = [int(part) for part in args.split.split(":")]
-        if len(counts) != 3:
-            raise ValueError(f"--split wants PRETRAIN:RETRAIN:POOL, got {args.split!r}")
-        values["split"] = SplitConfig(pretrain=counts[0], retrain=counts[1], pool=counts[2])
-    if args.retrain_epochs is not None:
-        # Keep the paper's schedule shape (x0.1 at 60% and 80%) for a shorter re-training.
-        epochs = args.retrain_epochs
-        values["retrain_milestones"] = tuple(
-            sorted({m for m in (round(0.6 * epochs), round(0.8 * epochs)) if 1 <= m < epochs})
+
+def build_request(args: argparse.Namespace) -> tuple[AuditRequest, str | None]:
+    """The :class:`catalog.requests.AuditRequest` the flags describe, and the data dir.
+
+    Raises ``pydantic.ValidationError`` for an invalid request, ``ValueError`` for a bad --set.
+    """
+    dataset, folder = args.dataset
+    overrides = given(
+        retrain_epochs=args.retrain_epochs,
+        split=args.split,
+        eval_images=args.eval_images,
+        precision=args.precision,
+    ) | set_values(args.settings)
+    request = AuditRequest.model_validate(
+        given(
+            dataset=dataset,
+            attacks=args.attacks,
+            attack_settings=_attack_settings(args.attack_settings) or None,
+            pairs=args.pairs,
+            targets_per_pair=args.targets_per_pair,
+            iterations=args.iterations,
+            delta=args.delta,
+            seed=args.seed,
+            overrides=overrides,
         )
-    return AuditConfig.model_validate({k: v for k, v in values.items() if v is not None})
-
-
-def _summary(report: dict[str, Any]) -> str:
-    lines = []
-    pre_acc = report.get("pre_acc")
-    model = report["model"]
-    lines.append(
-        f"model {model['path']} ({model['arch']}, defense {model.get('defense') or '?'}), "
-        f"Pre. Acc {'?' if pre_acc is None else f'{100 * pre_acc:.2f}%'}"
     )
-    lines.append(_SUMMARY_HEADER)
-    for name, result in report["attacks"].items():
-        low, high = result["asr_wilson95"]
-        asr = f"{100 * result['asr']:.1f}% ({result['successes']}/{result['instances']})"
-        ci = f"[{100 * low:.1f}, {100 * high:.1f}]"
-        re_acc = f"{100 * result['re_acc']['mean']:.2f}±{100 * result['re_acc']['std']:.2f}"
-        baseline = f"{100 * result['baseline']['rate']:.1f}%"
-        lines.append(f"{name:<7}{asr:>14}{ci:>16}{baseline:>11}{re_acc:>17}")
-    if report.get("screen"):
-        screen = report["screen"]
-        lines.append(
-            f"feature screen: separation {screen['separation']:.3f} (Eq. 4a, larger resists "
-            f"better), normalized drift {screen['normalized_drift']:.3f} (Eq. 4b, smaller "
-            "resists better)"
-        )
-    lines.append(f"total {report['timings']['total']:.1f}s")
-    return "\n".join(lines)
+    return request, args.data_dir or folder
 
 
 def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
     from tqdm import tqdm
 
+    from common.specs import SpecError, resolve_audit
+
     try:
-        config = _config(args)
-    except (ValidationError, ValueError) as error:
-        print(f"bulwark audit: invalid arguments:\n{error}", file=sys.stderr)
+        request, data_dir = build_request(args)
+        config = resolve_audit(
+            request, model=str(args.model), data_dir=data_dir, device=args.device
+        )
+    except ValidationError as error:
+        return report_errors("audit", [dict(e) for e in error.errors()], args.flags)
+    except SpecError as error:
+        return report_errors("audit", error.errors, args.flags)
+    except ValueError as error:
+        print(f"bulwark audit: {error}", file=sys.stderr)
         return 2
 
-    from core.audit import AuditError, run_audit, write_report
-    from core.checkpoint import CheckpointError
-    from core.data import DatasetError
+    from core.audit import run_audit
+    from core.errors import BulwarkError
     from core.progress import Progress
+    from core.report import render_asr_table
 
     bars: dict[str, tqdm] = {}
 
@@ -156,20 +184,21 @@ def run(args: argparse.Namespace) -> int:
             if update.loss is not None:
                 bar.set_postfix(objective=f"{update.loss:.4g}", refresh=False)
             bar.refresh()
-            if bar.n >= bar.total:
+            if bar.total is not None and bar.n >= bar.total:
                 bar.close()
         elif update.message:
             tqdm.write(f"[{100 * update.fraction:5.1f}%] {update.phase}: {update.message}")
 
     try:
         report = run_audit(config, progress=show, poisons_dir=args.save_poisons)
-    except (AuditError, CheckpointError, DatasetError) as error:
-        print(f"bulwark audit: {error}", file=sys.stderr)
+    except BulwarkError as error:
+        print(f"bulwark audit: {error.user_message}", file=sys.stderr)
         return 2
     finally:
         for bar in bars.values():
             bar.close()
-    write_report(report, args.out)
-    print(_summary(report))
+    report.write(args.out)
+    print(render_asr_table(report))
+    print(f"total {report.timings['total']:.1f}s")
     print(f"report written to {args.out}")
     return 0

@@ -1,0 +1,78 @@
+"""What ``pretrain`` and ``audit`` share: dataset arguments, ``--set`` values, usage errors.
+
+Both commands build the same request models the HTTP API takes (``catalog.requests``) and
+resolve them with the same functions (``common.specs``), so a CLI run and an API job with the
+same choices get the same config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from catalog import DATASETS
+
+
+def dataset_argument(text: str) -> tuple[str, str | None]:
+    """``--dataset``: a catalog name, or the path of an image folder (name, data_dir)."""
+    if text in DATASETS:
+        return text, None
+    if Path(text).is_dir():
+        return "image-folder", text
+    raise argparse.ArgumentTypeError(
+        f"{DATASETS.unknown_message(text)}; or give the path of an image folder with train/ "
+        "and test/ sub-folders"
+    )
+
+
+def split_argument(text: str) -> dict[str, int]:
+    """``--split PRETRAIN:RETRAIN:POOL`` -> the split's fields."""
+    try:
+        pretrain, retrain, pool = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected PRETRAIN:RETRAIN:POOL integers, got {text!r}"
+        ) from None
+    return {"pretrain": pretrain, "retrain": retrain, "pool": pool}
+
+
+def set_values(pairs: list[str], flag: str = "--set") -> dict[str, Any]:
+    """``FIELD=VALUE`` pairs; a VALUE that parses as JSON is taken as such, else as a string."""
+    values: dict[str, Any] = {}
+    for pair in pairs:
+        field, sep, value = pair.partition("=")
+        if not sep or not field:
+            raise ValueError(f"{flag}: expected FIELD=VALUE, got {pair!r}")
+        try:
+            values[field.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            values[field.replace("-", "_")] = value
+    return values
+
+
+def given(**values: Any) -> dict[str, Any]:
+    """The values the user gave (argparse leaves the others None)."""
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def report_errors(command: str, errors: list[dict[str, Any]], flags: set[str]) -> int:
+    """One line per invalid field, named as the user wrote it; the usage exit code, 2.
+
+    ``flags`` are the command's own option names (``--alpha``); any other field was given
+    with ``--set``.
+    """
+    for error in errors:
+        loc = [str(part) for part in error["loc"] if part not in ("body", "overrides")]
+        field = loc[0] if loc else ""
+        flag = f"--{field.replace('_', '-')}"
+        where = flag if flag in flags else f"--set {'.'.join(loc)}" if loc else "arguments"
+        message = str(error["msg"]).removeprefix("Value error, ")
+        print(f"bulwark {command}: {where}: {message}", file=sys.stderr)
+    return 2
+
+
+def option_names(parser: argparse.ArgumentParser) -> set[str]:
+    return {option for action in parser._actions for option in action.option_strings}
