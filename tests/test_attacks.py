@@ -11,16 +11,24 @@ import copy
 import pytest
 import torch
 
-from core.attacks import (
+from catalog.attacks import (
     ATTACKS,
+    ConvexPolytopeSettings,
+    FeatureCollisionSettings,
+    PolytopeSettings,
+)
+from core.attacks import (
+    AttackContext,
     BullseyePolytope,
     ConvexPolytope,
     FeatureCollision,
+    attack_class,
     budget_box,
     frozen,
     project_simplex,
 )
-from core.data import load_dataset, to_float
+from core.data import to_float
+from core.datasets import load_dataset
 
 DELTA = 25.5 / 255
 
@@ -42,15 +50,20 @@ def instances() -> tuple[torch.Tensor, torch.Tensor]:
     return targets, bases
 
 
-def _attack(name: str, **settings):
-    return ATTACKS[name](**settings)
+def _attack(name: str, **budget):
+    """The registered implementation of ``name`` with its catalog defaults."""
+    return attack_class(name)(settings=ATTACKS.get(name).settings(), **budget)
+
+
+def _on(targets: torch.Tensor, bases: torch.Tensor) -> AttackContext:
+    return AttackContext(targets=targets, bases=bases)
 
 
 @pytest.mark.parametrize("name", ["fc", "cp", "bp"])
 def test_budget_holds_and_objective_falls(name, digits_model, instances):
     targets, bases = instances
     k = 1 if name == "fc" else 5
-    result = _attack(name, iterations=30)(digits_model, targets, bases[:, :k])
+    result = _attack(name, iterations=30)(digits_model, _on(targets, bases[:, :k]))
 
     assert result.poisons.shape == bases[:, :k].shape
     assert float((result.poisons - bases[:, :k]).abs().max()) <= DELTA + 1e-6
@@ -70,7 +83,7 @@ def test_budget_holds_and_objective_falls(name, digits_model, instances):
 def test_zero_budget_leaves_the_bases(name, digits_model, instances):
     targets, bases = instances
     k = 1 if name == "fc" else 5
-    result = _attack(name, delta=0.0, iterations=5)(digits_model, targets, bases[:, :k])
+    result = _attack(name, delta=0.0, iterations=5)(digits_model, _on(targets, bases[:, :k]))
     assert torch.equal(result.poisons, bases[:, :k])
     assert float(result.linf.max()) == 0.0
 
@@ -83,10 +96,10 @@ def test_batched_equals_one_at_a_time(name, digits_model, instances):
     model = copy.deepcopy(digits_model).double()
     targets, bases = targets.double(), bases[:, :k].double()
     attack = _attack(name, iterations=25)
-    batched = attack(model, targets, bases)
-    chunked = _attack(name, iterations=25, batch_size=k)(model, targets, bases)
+    batched = attack(model, _on(targets, bases))
+    chunked = _attack(name, iterations=25, batch_size=k)(model, _on(targets, bases))
     for i in range(len(targets)):
-        alone = attack(model, targets[i : i + 1], bases[i : i + 1])
+        alone = attack(model, _on(targets[i : i + 1], bases[i : i + 1]))
         torch.testing.assert_close(alone.poisons[0], batched.poisons[i], atol=1e-9, rtol=0)
         torch.testing.assert_close(alone.coefficients[0], batched.coefficients[i])
         torch.testing.assert_close(alone.objective[:, 0], batched.objective[:, i])
@@ -97,9 +110,9 @@ def test_batched_equals_one_at_a_time_in_float32(digits_model, instances):
     """The production precision: the same poisons up to float32 summation order."""
     targets, bases = instances
     attack = BullseyePolytope(iterations=25)
-    batched = attack(digits_model, targets, bases)
+    batched = attack(digits_model, _on(targets, bases))
     for i in range(len(targets)):
-        alone = attack(digits_model, targets[i : i + 1], bases[i : i + 1])
+        alone = attack(digits_model, _on(targets[i : i + 1], bases[i : i + 1]))
         torch.testing.assert_close(alone.poisons[0], batched.poisons[i], atol=1e-4, rtol=0)
 
 
@@ -118,7 +131,7 @@ def test_model_is_frozen_inside_and_restored_after(digits_model, instances):
         seen.append((module.training, any(p.requires_grad for p in model.parameters())))
 
     handle = model.body.register_forward_hook(record)
-    FeatureCollision(iterations=3)(model, targets, bases[:, :1])
+    FeatureCollision(iterations=3)(model, _on(targets, bases[:, :1]))
     handle.remove()
 
     assert seen and all(not training and not grads for training, grads in seen)
@@ -130,8 +143,8 @@ def test_model_is_frozen_inside_and_restored_after(digits_model, instances):
 
 def test_convex_polytope_learns_coefficients_and_bullseye_keeps_them(digits_model, instances):
     targets, bases = instances
-    cp = ConvexPolytope(iterations=20)(digits_model, targets, bases)
-    bp = BullseyePolytope(iterations=20)(digits_model, targets, bases)
+    cp = ConvexPolytope(iterations=20)(digits_model, _on(targets, bases))
+    bp = BullseyePolytope(iterations=20)(digits_model, _on(targets, bases))
     assert torch.allclose(bp.coefficients, torch.full((3, 5), 0.2))
     assert not torch.allclose(cp.coefficients, torch.full((3, 5), 0.2))
     assert torch.allclose(cp.coefficients.sum(1), torch.ones(3), atol=1e-6)
@@ -166,21 +179,39 @@ def test_frozen_restores_on_error(digits_model):
 
 
 @pytest.mark.parametrize(
-    ("cls", "settings"),
+    ("cls", "budget"),
     [
         (FeatureCollision, {"delta": -0.1}),
         (FeatureCollision, {"iterations": 0}),
-        (FeatureCollision, {"shrink": 1.5}),
-        (ConvexPolytope, {"lr": 0.0}),
         (BullseyePolytope, {"batch_size": 0}),
     ],
 )
-def test_bad_settings_are_refused(cls, settings):
+def test_bad_budgets_are_refused(cls, budget):
     with pytest.raises(ValueError):
-        cls(**settings)
+        cls(**budget)
+
+
+@pytest.mark.parametrize(
+    ("model", "settings"),
+    [
+        (FeatureCollisionSettings, {"mu": -1.0}),
+        (FeatureCollisionSettings, {"step": 0.0}),
+        (ConvexPolytopeSettings, {"coefficient_steps": 0}),
+        (PolytopeSettings, {"lr": 0.0}),
+        (PolytopeSettings, {"poisons": 0}),
+    ],
+)
+def test_bad_settings_are_refused_by_the_catalog_model(model, settings):
+    with pytest.raises(ValueError):
+        model(**settings)
+
+
+def test_an_attack_takes_only_its_own_settings_model():
+    with pytest.raises(TypeError, match="FeatureCollisionSettings"):
+        FeatureCollision(settings=PolytopeSettings())
 
 
 def test_mismatched_shapes_are_refused(digits_model, instances):
     targets, bases = instances
     with pytest.raises(ValueError, match="expected targets"):
-        BullseyePolytope(iterations=1)(digits_model, targets[:2], bases)
+        AttackContext(targets=targets[:2], bases=bases)

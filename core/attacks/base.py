@@ -1,0 +1,269 @@
+"""What every poisoning attack shares: the context it crafts in, its result, the budget.
+
+Threat model (the paper's white-box transfer setting, after Zhu et al. 2019): the attacker knows
+the frozen extractor f (the network up to its pooled penultimate layer) that the victim will
+re-train a linear head on. For one target image x_t of the target class it perturbs k base
+images x_b of the poison class into poisons x_p, labelled (correctly) with the poison class, so
+that the re-trained head puts x_t in the poison class. Every poison stays inside
+``||x_p - x_b||_inf <= delta`` and the pixel box [0,1]; pixels are in [0,1] because the model
+normalizes inside itself, so ``delta`` is in pixel units (25.5/255 in the paper).
+
+Batching: the I instances of an audit are independent and f is frozen, so all I*k poisons go
+through f together, one forward and one backward per iteration (in chunks of ``batch_size``
+images where memory is short). Each instance's loss depends only on its own poisons, the batch
+loss is the sum of the instance losses and every update is element-wise, so a batch gives the
+same poisons as crafting its instances one at a time (up to float summation order).
+
+Tensor shapes: targets (I, C, H, W); bases and poisons (I, k, C, H, W), pixels in [0,1];
+features (I, k, D); coefficients (I, k).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import ClassVar, Protocol, cast
+
+import torch
+from torch import nn
+
+from catalog.attacks import ATTACKS, AttackSettings
+from core.device import autocast
+
+# (iteration done, iterations, mean objective over instances) after every iteration.
+StepCallback = Callable[[int, int, float], None]
+
+
+class FeatureExtractor(Protocol):
+    """What the attacks need of a model: ``features(x)`` = f(x), (N, C, H, W) -> (N, D)."""
+
+    def features(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class AttackContext:
+    """Everything an attack may use about the instances it crafts poisons for.
+
+    The feature-space attacks (FC, CP, BP) need only targets and bases; an attack that works
+    on the victim's training loss (gradient matching) also needs the labels, the head the
+    victim starts from and the clean re-training features. Every tensor is on the device the
+    crafting runs on; pixels are in [0,1].
+    """
+
+    targets: torch.Tensor  # (I, C, H, W)
+    bases: torch.Tensor  # (I, k, C, H, W)
+    target_classes: torch.Tensor | None = None  # (I,)
+    poison_classes: torch.Tensor | None = None  # (I,) the label every poison carries
+    head_weight: torch.Tensor | None = None  # (classes, D): the head re-training starts from
+    head_bias: torch.Tensor | None = None  # (classes,)
+    clean_features: torch.Tensor | None = None  # (N, D): the clean re-training set's f(x)
+    clean_labels: torch.Tensor | None = None  # (N,)
+
+    def __post_init__(self) -> None:
+        targets, bases = self.targets, self.bases
+        if targets.dim() != 4 or bases.dim() != 5 or bases.shape[0] != targets.shape[0]:
+            raise ValueError(
+                f"expected targets (I, C, H, W) and bases (I, k, C, H, W), got "
+                f"{tuple(targets.shape)} and {tuple(bases.shape)}"
+            )
+        if bases.shape[2:] != targets.shape[1:]:
+            raise ValueError(f"bases {tuple(bases.shape)} and targets {tuple(targets.shape)}")
+
+    def require(self, *names: str) -> None:
+        """Raise a clear error when an attack needs context this caller did not give."""
+        missing = [name for name in names if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"this attack needs {missing} in its AttackContext")
+
+
+@dataclass(frozen=True)
+class CraftResult:
+    """The poisons of I instances and how close each instance got to its target.
+
+    ``feature_distance`` is ``||sum_j c_j f(x_p^j) - f(x_t)||`` for the polytope attacks and
+    the mean over poisons of ``||f(x_p^j) - f(x_t)||`` for FC (one poison: the same thing);
+    ``relative_distance`` divides it by ``||f(x_t)||``. Both are computed in float32 on the
+    final poisons. ``objective`` holds the attack's own objective for every instance before
+    the first step and after every iteration, shape (iterations + 1, I).
+    """
+
+    poisons: torch.Tensor  # (I, k, C, H, W) in [0,1], within delta of the bases
+    coefficients: torch.Tensor  # (I, k): convex weights (CP learned, BP 1/k, FC 1/k)
+    feature_distance: torch.Tensor  # (I,)
+    relative_distance: torch.Tensor  # (I,)
+    linf: torch.Tensor  # (I,) max_j ||x_p^j - x_b^j||_inf achieved
+    objective: torch.Tensor  # (iterations + 1, I)
+
+
+@dataclass(frozen=True)
+class Crafted:
+    """What an attack's optimization loop hands to the float32 scoring."""
+
+    poisons: torch.Tensor  # (I, k, C, H, W)
+    coefficients: torch.Tensor  # (I, k)
+    objective: list[torch.Tensor]  # iterations + 1 tensors of shape (I,)
+    per_poison_distance: bool  # FC scores each poison alone; the polytopes their mixture
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and no parameter gradients inside; every module's mode and flag restored after.
+
+    Eval mode matters for correctness, not only speed: BatchNorm must use its running
+    statistics, or one instance's poisons would change another's features.
+    """
+    modes = [(module, module.training) for module in model.modules()]
+    flags = [(param, param.requires_grad) for param in model.parameters()]
+    model.eval()
+    for param, _ in flags:
+        param.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+        for param, requires_grad in flags:
+            param.requires_grad_(requires_grad)
+
+
+def _features_of(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's f(x) (any module with a ``features`` method, see :class:`FeatureExtractor`)."""
+    return cast(FeatureExtractor, model).features
+
+
+def budget_box(bases: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel bounds of the budget: the delta-ball around ``bases`` intersected with [0,1].
+
+    The two boxes intersect coordinate-wise, so clamping to these bounds is the exact
+    Euclidean projection onto the feasible set.
+    """
+    return (bases - delta).clamp_(min=0.0), (bases + delta).clamp_(max=1.0)
+
+
+def chunks(count: int, per_chunk: int) -> Iterator[slice]:
+    for start in range(0, count, per_chunk):
+        yield slice(start, min(count, start + per_chunk))
+
+
+@dataclass(frozen=True)
+class Attack:
+    """Settings shared by every attack; a subclass implements :meth:`craft`.
+
+    Construct with the attack's catalog settings (``catalog.attacks``; ``poisons`` there is
+    the number of bases the caller puts in the context) and the audit-wide budget, and call
+    with ``(model, context)``.
+    """
+
+    name: ClassVar[str]  # the attack's catalog entry
+    settings: AttackSettings | None = None  # None: the catalog settings model's defaults
+    delta: float = 25.5 / 255  # l_inf budget around each base, in [0,1] pixel units
+    iterations: int = 500  # optimization steps (one forward + backward of all poisons each)
+    batch_size: int | None = None  # images per forward/backward; None: all poisons at once
+    dtype: torch.dtype = torch.float32  # autocast dtype of the network's forward pass
+    channels_last: bool = False  # feed the network channels_last images (faster with oneDNN)
+
+    def __post_init__(self) -> None:
+        model = ATTACKS.get(self.name).settings
+        if self.settings is None:
+            object.__setattr__(self, "settings", model())
+        elif not isinstance(self.settings, model):
+            raise TypeError(f"{self.name} takes {model.__name__}, got {type(self.settings)}")
+        if not 0.0 <= self.delta <= 1.0:
+            raise ValueError(f"delta must lie in [0, 1], got {self.delta}")
+        if self.iterations < 1:
+            raise ValueError(f"iterations must be at least 1, got {self.iterations}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+
+    def __call__(
+        self,
+        model: nn.Module,
+        context: AttackContext,
+        *,
+        callback: StepCallback | None = None,
+    ) -> CraftResult:
+        """Craft poisons from ``context.bases`` against ``context.targets``.
+
+        ``model`` needs ``features(x)``; it must sit on the device of the context's tensors.
+        It is put in eval mode with frozen parameters for the call and restored afterwards.
+        """
+        # float32 unless the caller works in float64 (exactness tests run a float64 model).
+        work = torch.float64 if context.bases.dtype == torch.float64 else torch.float32
+        targets, bases = context.targets.to(work), context.bases.to(work)
+        with frozen(model), torch.no_grad():
+            target_features = self.features(model, targets)
+        with frozen(model):
+            crafted = self.craft(model, context, target_features, bases, callback)
+        return self._measure(model, targets, bases, crafted)
+
+    def craft(
+        self,
+        model: nn.Module,
+        context: AttackContext,
+        target_features: torch.Tensor,
+        bases: torch.Tensor,
+        callback: StepCallback | None,
+    ) -> Crafted:
+        """The attack's optimization: poisons from ``bases`` (in the working dtype)."""
+        raise NotImplementedError
+
+    # ---- helpers for subclasses ------------------------------------------------------------
+
+    def images_per_chunk(self, k: int) -> int:
+        """Instances per forward: whole instances only, at least one."""
+        return max(1, (self.batch_size or 1 << 30) // k)
+
+    def features(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """f(images) for (N, C, H, W) images, in chunks, under the attack's autocast."""
+        outputs = []
+        for part in chunks(len(images), self.batch_size or len(images)):
+            batch = images[part]
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            with autocast(images.device, self.dtype):
+                outputs.append(_features_of(model)(batch).to(images.dtype))
+        return torch.cat(outputs)
+
+    def poison_features(self, model: nn.Module, poisons: torch.Tensor) -> torch.Tensor:
+        """f of poisons (n, k, C, H, W) -> (n, k, D) in their dtype, graph kept if grads are on."""
+        n, k = poisons.shape[:2]
+        batch = poisons.reshape(n * k, *poisons.shape[2:])
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        with autocast(poisons.device, self.dtype):
+            features = _features_of(model)(batch)
+        return features.to(poisons.dtype).view(n, k, -1)
+
+    def _measure(
+        self,
+        model: nn.Module,
+        targets: torch.Tensor,
+        bases: torch.Tensor,
+        crafted: Crafted,
+    ) -> CraftResult:
+        """Score the final poisons in float32 (or float64), whatever autocast crafted them."""
+        poisons, coefficients = crafted.poisons, crafted.coefficients
+        n, k = poisons.shape[:2]
+        per_chunk = self.batch_size or n * k
+        flat = poisons.reshape(n * k, *poisons.shape[2:])
+        with frozen(model), torch.no_grad():
+            target_features = torch.cat(
+                [_features_of(model)(targets[part]) for part in chunks(n, per_chunk)]
+            )
+            features = torch.cat(
+                [_features_of(model)(flat[part]) for part in chunks(n * k, per_chunk)]
+            ).view(n, k, -1)
+        if crafted.per_poison_distance:
+            distance = (features - target_features[:, None]).norm(dim=-1).mean(1)
+        else:
+            mix = torch.einsum("nk,nkd->nd", coefficients, features)
+            distance = (mix - target_features).norm(dim=-1)
+        return CraftResult(
+            poisons=poisons.detach(),
+            coefficients=coefficients.detach(),
+            feature_distance=distance,
+            relative_distance=distance / target_features.norm(dim=-1).clamp_min(1e-12),
+            linf=(poisons - bases).abs().flatten(2).amax(-1).amax(-1),
+            objective=torch.stack(crafted.objective),
+        )
