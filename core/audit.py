@@ -1,4 +1,4 @@
-"""The poisoning audit: FC, CP and BP against a frozen extractor, under the paper's protocol.
+"""The poisoning audit: attacks against a frozen extractor, under the paper's protocol.
 
 Protocol (Zhou et al., Appendix A, after Zhu et al. 2019). The training set is split per class
 into pre-training, clean re-training and base-pool images (``core.data.split_dataset``). An
@@ -16,12 +16,16 @@ and test sets are computed once per audit; the instances of an attack are crafte
 (``core.attacks``); and the heads of all instances, poisoned and baseline, are re-trained
 together as one batched linear problem (weights (H, classes, D), one Adam over all of them).
 
-Entry point: :func:`run_audit` (config in, JSON-able report out).
+Stages, each a function with typed input and output, run in order by :func:`run_audit`:
+``load`` (:func:`load_stage` -> :class:`AuditInputs`), ``features`` (:func:`features_stage` ->
+:class:`AuditFeatures`), ``screen`` (:func:`screen_stage`), then per attack ``craft``
+(:func:`craft_stage` -> ``CraftResult``), ``retrain`` (:func:`retrain_stage` ->
+:class:`HeadOutcome`) and ``score`` (:func:`score_stage` -> ``AttackResult``). The result is an
+:class:`core.report.AuditReport`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import platform
 import time
@@ -29,25 +33,38 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from core.attacks import ATTACKS, CraftResult
+from core.attacks import AttackContext, CraftResult, StepCallback, attack_class
 from core.checkpoint import library_versions, load_extractor
 from core.config import AuditConfig
-from core.data import ImageDataset, default_split, encode_png, load_dataset, split_dataset, to_float
+from core.data import ImageDataset, Split, encode_png, split_dataset, to_float
+from core.datasets import load_dataset
 from core.device import autocast, resolve_device, resolve_precision, uses_channels_last
+from core.errors import BulwarkError, ErrorKind
 from core.models import FeatureClassifier, FoldedBatchNorm
 from core.progress import Progress, ProgressCallback, ignore_progress
+from core.report import (
+    AttackResult,
+    AuditReport,
+    BaselineResult,
+    DatasetFacts,
+    InstanceDraw,
+    InstanceResult,
+    MeanStd,
+    ModelFacts,
+    ScreenFacts,
+)
 from core.screen import screen
 
-SCHEMA_VERSION = "bulwark-audit/1"
 
-
-class AuditError(ValueError):
+class AuditError(BulwarkError):
     """An audit that cannot run as configured; the message names the field to change."""
+
+    kind = ErrorKind.INVALID_CONFIG
 
 
 @dataclass(frozen=True)
@@ -74,9 +91,15 @@ class HeadSchedule:
     gamma: float = 0.1
     batch_size: int = 64  # images per Adam step (clean re-training images + poisons)
 
-    def lr_at(self, epoch: int) -> float:
-        """The learning rate in force during 0-based ``epoch``."""
-        return self.lr * self.gamma ** sum(epoch >= m for m in self.milestones)
+    @classmethod
+    def of(cls, config: AuditConfig) -> HeadSchedule:
+        return cls(
+            epochs=config.retrain_epochs,
+            lr=config.retrain_lr,
+            milestones=config.retrain_milestones,
+            gamma=config.retrain_gamma,
+            batch_size=config.retrain_batch_size,
+        )
 
 
 def choose_instances(
@@ -199,9 +222,10 @@ def retrain_heads(
     eye = torch.eye(classes, device=device)
     clean_onehot, extra_onehot = eye[clean_labels.to(device)], eye[extra_labels.to(device)]
     generator = torch.Generator().manual_seed(seed)
-    for epoch in range(schedule.epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = schedule.lr_at(epoch)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=list(schedule.milestones), gamma=schedule.gamma
+    )
+    for _ in range(schedule.epochs):
         order = torch.randperm(n + k, generator=generator)
         for start in range(0, n + k, schedule.batch_size):
             batch = order[start : start + schedule.batch_size]
@@ -222,6 +246,7 @@ def retrain_heads(
                 residual = (logits.softmax(-1) - extra_onehot[:, extra_rows]) * scale
                 grad.baddbmm_(residual.transpose(1, 2), x)
             optimizer.step()
+        scheduler.step()
     return theta[:, :, :dim].contiguous(), theta[:, :, dim].contiguous()
 
 
@@ -232,10 +257,12 @@ def head_logits(
     return torch.einsum("nd,hcd->hnc", features, weights) + biases[:, None]
 
 
-def wilson_interval(successes: int, trials: int, z: float = 1.959963984540054) -> list[float]:
+def wilson_interval(
+    successes: int, trials: int, z: float = 1.959963984540054
+) -> tuple[float, float]:
     """The Wilson score interval of a binomial rate (95% for the default z)."""
     if trials == 0:
-        return [0.0, 1.0]
+        return (0.0, 1.0)
     rate = successes / trials
     denominator = 1 + z * z / trials
     centre = (rate + z * z / (2 * trials)) / denominator
@@ -243,13 +270,13 @@ def wilson_interval(successes: int, trials: int, z: float = 1.959963984540054) -
     # At 0 or all successes the bound is exact; say so rather than leave rounding residue.
     low = 0.0 if successes == 0 else max(0.0, centre - half)
     high = 1.0 if successes == trials else min(1.0, centre + half)
-    return [low, high]
+    return (low, high)
 
 
-def _mean_std(values: Sequence[float]) -> dict[str, float]:
+def mean_std(values: Sequence[float]) -> MeanStd:
     array = np.asarray(values, dtype=np.float64)
     std = float(array.std(ddof=1)) if len(array) > 1 else 0.0
-    return {"mean": float(array.mean()), "std": std}
+    return MeanStd(mean=float(array.mean()), std=std)
 
 
 class _Tracker:
@@ -272,57 +299,58 @@ class _Tracker:
         self.done += self.weights[phase]
 
 
-def run_audit(
-    config: AuditConfig,
-    *,
-    progress: ProgressCallback = ignore_progress,
-    poisons_dir: Path | None = None,
-    dataset: ImageDataset | None = None,
-) -> dict[str, Any]:
-    """Run ``config.attacks`` against ``config.model`` and return the JSON-able ASR report.
+# ---- the stages ----------------------------------------------------------------------------
 
-    Args:
-        config: the audit (model, dataset, pairs, budgets, attack and re-training settings).
-        progress: called with the whole audit's fraction done (phases ``load``,
-            ``features``, ``screen``, ``craft:<attack>``, ``retrain:<attack>``); raising from
-            it stops the audit.
-        poisons_dir: if given, each attack's poisons are written there as ``<attack>.npz``
-            (float32 poisons (I, k, C, H, W), uint8 bases and targets, indices) and
-            ``<attack>.png`` (one row per instance: base | poison pairs, then the target).
-        dataset: the already-read dataset named by ``config`` (saves re-reading it).
 
-    Raises :class:`AuditError` for a dataset or pair that does not fit the model, and the
-    loaders' errors for unreadable checkpoints or datasets.
-    """
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
+@dataclass(frozen=True)
+class AuditInputs:
+    """Stage ``load``: the model, the data, its split and the drawn instances."""
+
+    config: AuditConfig
+    device: torch.device
+    dtype: torch.dtype  # autocast dtype of crafting and feature extraction
+    model: FeatureClassifier  # eval mode, on ``device``
+    manifest: dict[str, Any]
+    data: ImageDataset
+    split: Split
+    instances: list[Instance]
+    classes_match: bool  # the model's own head fits the dataset's classes
+
+
+@dataclass(frozen=True)
+class AuditFeatures:
+    """Stage ``features``: everything computed once per audit on the frozen extractor."""
+
+    clean_features: torch.Tensor  # (N, D) clean re-training set
+    clean_labels: torch.Tensor  # (N,)
+    test_features: torch.Tensor  # (E, D) the first eval_images test images
+    test_labels: torch.Tensor  # (E,)
+    targets: torch.Tensor  # (I, C, H, W) float pixels
+    target_features: torch.Tensor  # (I, D)
+    bases: torch.Tensor  # (I, k_max, C, H, W) uint8
+    target_classes: torch.Tensor  # (I,)
+    poison_classes: torch.Tensor  # (I,)
+    head_weight: torch.Tensor  # (classes, D): where every re-trained head starts
+    head_bias: torch.Tensor  # (classes,)
+    pre_acc: float | None
+
+
+@dataclass(frozen=True)
+class HeadOutcome:
+    """Stage ``retrain``: rows [0, I) are the poisoned heads, [I, 2I) the baseline heads."""
+
+    target_probs: torch.Tensor  # (2I, classes) softmax of each head on its own target
+    re_acc: torch.Tensor  # (2I,) test accuracy of each head
+
+
+def load_stage(config: AuditConfig, dataset: ImageDataset | None = None) -> AuditInputs:
+    """Read the model and the dataset, check that they fit, draw the instances."""
     device = resolve_device(config.device)
     dtype = resolve_precision(config.precision, device)
-    k_fc, k_poly = config.fc_poisons, config.polytope_poisons
-    attack_sizes = {name: (k_fc if name == "fc" else k_poly) for name in config.attacks}
-    images_per_attack = {name: attack_sizes[name] * config.iterations for name in config.attacks}
-    tracker = _Tracker(
-        progress,
-        {
-            "load": 1.0,
-            "features": 4.0,
-            "screen": 2.0 if config.screen_images else 0.0,
-            **{
-                f"craft:{a}": 90.0 * w / sum(images_per_attack.values())
-                for a, w in images_per_attack.items()
-            },
-            **{f"retrain:{a}": 5.0 / len(config.attacks) for a in config.attacks},
-        },
-    )
-
-    # ---- load -----------------------------------------------------------------------------
-    tracker.report("load", 0.0, message=f"model {config.model}")
     loaded = load_extractor(config.model)
     model = loaded.model.to(device).eval()
-    manifest = loaded.manifest
     data = dataset or load_dataset(config.dataset, config.data_dir)
-    split_counts = config.split or default_split(config.dataset)
-    split = split_dataset(data.train_y, split_counts)
+    split = split_dataset(data.train_y, config.resolved_split)
     in_channels = int(model.normalize.mean.shape[1])
     if data.channels != in_channels:
         raise AuditError(
@@ -336,168 +364,376 @@ def run_audit(
                 f"0..{data.num_classes - 1} of {config.dataset!r}"
             )
     instances = choose_instances(
-        data, split.pool, config.pairs, config.targets_per_pair,
-        max(attack_sizes.values()), config.seed,
-    )  # fmt: skip
-    classes_match = model.num_classes == data.num_classes and manifest.get("classes") in (
+        data, split.pool, config.pairs, config.targets_per_pair, config.max_poisons, config.seed
+    )
+    classes_match = model.num_classes == data.num_classes and loaded.manifest.get("classes") in (
         None,
         list(data.classes),
     )
-    timings["load"] = time.perf_counter() - started
-    tracker.finish("load")
+    return AuditInputs(
+        config=config,
+        device=device,
+        dtype=dtype,
+        model=model,
+        manifest=loaded.manifest,
+        data=data,
+        split=split,
+        instances=instances,
+        classes_match=classes_match,
+    )
 
-    # ---- features of the re-training and test sets: once per audit -------------------------
-    phase_start = time.perf_counter()
-    tracker.report("features", 0.0, message="re-training and test set features")
-    clean_features = extract_features(model, data.train_x[split.retrain], dtype=dtype)
-    clean_labels = data.train_y[split.retrain].to(device)
+
+def features_stage(inputs: AuditInputs) -> AuditFeatures:
+    """f(x) of the re-training set, the evaluation images and the targets, once per audit."""
+    config, data, model, device, dtype = (
+        inputs.config,
+        inputs.data,
+        inputs.model,
+        inputs.device,
+        inputs.dtype,
+    )
+    retrain = inputs.split.retrain
+    clean_features = extract_features(model, data.train_x[retrain], dtype=dtype)
     eval_count = min(config.eval_images or len(data.test_y), len(data.test_y))
     test_features = extract_features(model, data.test_x[:eval_count], dtype=dtype)
     test_labels = data.test_y[:eval_count].to(device)
+    instances = inputs.instances
     target_index = torch.tensor([inst.target_index for inst in instances])
     targets = to_float(data.test_x[target_index].to(device))
-    target_features = extract_features(model, targets, dtype=dtype)
-    all_bases = torch.tensor([inst.base_indices for inst in instances])  # (I, k_max)
-    bases_uint8 = data.train_x[all_bases].to(device)  # (I, k_max, C, H, W)
-    if classes_match:
+    if inputs.classes_match:
         with torch.no_grad():
             pre_acc: float | None = float(
                 (model.head(test_features).argmax(1) == test_labels).float().mean()
             )
-        init_weight, init_bias = model.head.weight.detach(), model.head.bias.detach()
+        weight, bias = model.head.weight.detach(), model.head.bias.detach()
     else:
-        pre_acc = manifest.get("pre_acc")
-        init_weight, init_bias = fresh_head(
-            data.num_classes, model.feature_dim, config.seed, device
-        )
-    timings["features"] = time.perf_counter() - phase_start
-    tracker.finish("features")
+        pre_acc = inputs.manifest.get("pre_acc")
+        weight, bias = fresh_head(data.num_classes, model.feature_dim, config.seed, device)
+    return AuditFeatures(
+        clean_features=clean_features,
+        clean_labels=data.train_y[retrain].to(device),
+        test_features=test_features,
+        test_labels=test_labels,
+        targets=targets,
+        target_features=extract_features(model, targets, dtype=dtype),
+        bases=data.train_x[torch.tensor([inst.base_indices for inst in instances])].to(device),
+        target_classes=torch.tensor([inst.target_class for inst in instances], device=device),
+        poison_classes=torch.tensor([inst.poison_class for inst in instances], device=device),
+        head_weight=weight,
+        head_bias=bias,
+        pre_acc=pre_acc,
+    )
 
-    # ---- the cheap feature-space screen (Eq. 4a separation, Eq. 4b drift at delta) ----------
+
+def screen_stage(inputs: AuditInputs) -> ScreenFacts | None:
+    """The Eq. 4a separation and Eq. 4b drift at delta on the first test images (or None)."""
+    config, data, device = inputs.config, inputs.data, inputs.device
+    if not config.screen_images:
+        return None
+    count = min(config.screen_images, len(data.test_y))
+    measured = screen(
+        inputs.model,
+        to_float(data.test_x[:count].to(device)),
+        data.test_y[:count].to(device),
+        delta=config.delta,
+        steps=config.screen_steps,
+        seed=config.seed,
+    )
+    return ScreenFacts(
+        **measured.as_dict(), images=count, pgd_steps=config.screen_steps, delta=config.delta
+    )
+
+
+def craft_stage(
+    inputs: AuditInputs,
+    features: AuditFeatures,
+    attack: str,
+    attacker: torch.nn.Module,
+    *,
+    channels_last: bool,
+    on_step: StepCallback | None = None,
+) -> CraftResult:
+    """Craft ``attack``'s poisons for every instance at once against ``attacker``."""
+    config = inputs.config
+    settings = config.attack_settings[attack]
+    implementation = attack_class(attack)(
+        settings=settings,
+        delta=config.delta,
+        iterations=config.iterations,
+        batch_size=config.attack_batch_size,
+        dtype=inputs.dtype,
+        channels_last=channels_last,
+    )
+    context = AttackContext(
+        targets=features.targets,
+        bases=to_float(features.bases[:, : settings.poisons]),
+        target_classes=features.target_classes,
+        poison_classes=features.poison_classes,
+        head_weight=features.head_weight,
+        head_bias=features.head_bias,
+        clean_features=features.clean_features,
+        clean_labels=features.clean_labels,
+    )
+    return implementation(attacker, context, callback=on_step)
+
+
+def retrain_stage(
+    inputs: AuditInputs,
+    features: AuditFeatures,
+    crafted: CraftResult,
+    baseline_features: torch.Tensor,
+) -> HeadOutcome:
+    """Re-train every poisoned head and every baseline head as one batched problem.
+
+    ``baseline_features`` (I, k, D) are the unperturbed bases' features (shared by attacks
+    with the same number of poisons).
+    """
+    model, dtype = inputs.model, inputs.dtype
+    count, k = crafted.poisons.shape[:2]
+    poison_features = extract_features(model, crafted.poisons.flatten(0, 1), dtype=dtype)
+    extra = torch.cat([poison_features.view(count, k, -1), baseline_features])  # (2I, k, D)
+    extra_labels = features.poison_classes.repeat(2)[:, None].expand(-1, k)
+    weights, biases = retrain_heads(
+        features.clean_features,
+        features.clean_labels,
+        extra,
+        extra_labels,
+        init_weight=features.head_weight,
+        init_bias=features.head_bias,
+        schedule=HeadSchedule.of(inputs.config),
+        seed=inputs.config.seed,
+    )
+    with torch.no_grad():
+        own_targets = features.target_features.repeat(2, 1)
+        target_probs = torch.softmax(torch.einsum("hd,hcd->hc", own_targets, weights) + biases, -1)
+        correct = head_logits(weights, biases, features.test_features).argmax(-1)
+        re_acc = (correct == features.test_labels).float().mean(1)
+    return HeadOutcome(target_probs=target_probs, re_acc=re_acc)
+
+
+def score_stage(
+    attack: str,
+    instances: list[Instance],
+    crafted: CraftResult,
+    outcome: HeadOutcome,
+    seconds: dict[str, float],
+) -> AttackResult:
+    """ASR, the baseline, Re. Acc and a row per instance for one attack."""
+    count, k = crafted.poisons.shape[:2]
+    poison_class = torch.tensor([inst.poison_class for inst in instances])
+    probs = outcome.target_probs.cpu()
+    predicted = probs.argmax(-1)
+    success = (predicted[:count] == poison_class).tolist()
+    baseline_success = (predicted[count:] == poison_class).tolist()
+    poison_prob = probs[torch.arange(2 * count), poison_class.repeat(2)].tolist()
+    re_acc = outcome.re_acc.cpu().tolist()
+    rows = [
+        InstanceResult(
+            instance=i,
+            target_index=inst.target_index,
+            target_class=inst.target_class,
+            poison_class=inst.poison_class,
+            base_indices=list(inst.base_indices[:k]),
+            success=bool(success[i]),
+            predicted_class=int(predicted[i]),
+            poison_class_probability=poison_prob[i],
+            re_acc=re_acc[i],
+            feature_distance=float(crafted.feature_distance[i]),
+            relative_feature_distance=float(crafted.relative_distance[i]),
+            linf=float(crafted.linf[i]),
+            coefficients=crafted.coefficients[i].cpu().tolist(),
+            objective_start=float(crafted.objective[0, i]),
+            objective_end=float(crafted.objective[-1, i]),
+            baseline_success=bool(baseline_success[i]),
+            baseline_poison_class_probability=poison_prob[count + i],
+            baseline_re_acc=re_acc[count + i],
+        )
+        for i, inst in enumerate(instances)
+    ]
+    successes, baseline_successes = sum(success), sum(baseline_success)
+    return AttackResult(
+        attack=attack,
+        poisons_per_instance=k,
+        instances=count,
+        successes=successes,
+        asr=successes / count,
+        asr_wilson95=wilson_interval(successes, count),
+        baseline=BaselineResult(
+            successes=baseline_successes,
+            rate=baseline_successes / count,
+            wilson95=wilson_interval(baseline_successes, count),
+            re_acc=mean_std(re_acc[count:]),
+        ),
+        re_acc=mean_std(re_acc[:count]),
+        feature_distance=mean_std(crafted.feature_distance.cpu().tolist()),
+        relative_feature_distance=mean_std(crafted.relative_distance.cpu().tolist()),
+        max_linf=float(crafted.linf.max()),
+        seconds=seconds,
+        rows=rows,
+    )
+
+
+def _progress_weights(config: AuditConfig) -> dict[str, float]:
+    """Each phase's share of the audit's progress bar, by its rough cost."""
+    work = {name: config.poisons(name) * config.iterations for name in config.attacks}
+    return {
+        "load": 1.0,
+        "features": 4.0,
+        "screen": 2.0 if config.screen_images else 0.0,
+        **{f"craft:{name}": 90.0 * w / sum(work.values()) for name, w in work.items()},
+        **{f"retrain:{name}": 5.0 / len(config.attacks) for name in config.attacks},
+    }
+
+
+def run_audit(
+    config: AuditConfig,
+    *,
+    progress: ProgressCallback = ignore_progress,
+    poisons_dir: Path | None = None,
+    dataset: ImageDataset | None = None,
+) -> AuditReport:
+    """Run ``config.attacks`` against ``config.model`` and return the ASR report.
+
+    Args:
+        config: the audit (model, dataset, pairs, budgets, attack and re-training settings).
+        progress: called with the whole audit's fraction done (phases ``load``,
+            ``features``, ``screen``, ``craft:<attack>``, ``retrain:<attack>``); raising from
+            it stops the audit.
+        poisons_dir: if given, each attack's poisons are written there as ``<attack>.npz``
+            (float32 poisons (I, k, C, H, W), uint8 bases and targets, indices) and
+            ``<attack>.png`` (one row per instance: base | poison pairs, then the target).
+        dataset: the already-read dataset named by ``config`` (saves re-reading it).
+
+    Raises :class:`AuditError` for a dataset or pair that does not fit the model, and the
+    loaders' errors (``BulwarkError`` subclasses) for unreadable checkpoints or datasets.
+    """
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    tracker = _Tracker(progress, _progress_weights(config))
+
+    def timed(phase: str, message: str = "") -> _Phase:
+        return _Phase(tracker, timings, phase, message)
+
+    with timed("load", f"model {config.model}"):
+        inputs = load_stage(config, dataset)
+    with timed("features", "re-training and test set features"):
+        features = features_stage(inputs)
     feature_screen = None
     if config.screen_images:
-        phase_start = time.perf_counter()
-        screen_count = min(config.screen_images, len(data.test_y))
-        tracker.report("screen", 0.0, message=f"Eq. 4 screen on {screen_count} test images")
-        measured = screen(
-            model, to_float(data.test_x[:screen_count].to(device)),
-            data.test_y[:screen_count].to(device), delta=config.delta,
-            steps=config.screen_steps, seed=config.seed,
-        )  # fmt: skip
-        feature_screen = {**measured.as_dict(), "images": screen_count,
-                          "pgd_steps": config.screen_steps, "delta": config.delta}  # fmt: skip
-        timings["screen"] = time.perf_counter() - phase_start
-        tracker.finish("screen")
+        with timed("screen", f"Eq. 4 screen on {config.screen_images} test images"):
+            feature_screen = screen_stage(inputs)
 
-    schedule = HeadSchedule(
-        epochs=config.retrain_epochs,
-        lr=config.retrain_lr,
-        milestones=config.retrain_milestones,
-        gamma=config.retrain_gamma,
-        batch_size=config.retrain_batch_size,
-    )
-    poison_class = torch.tensor([inst.poison_class for inst in instances], device=device)
+    attacker, channels_last = crafting_model(inputs.model, inputs.device, inputs.dtype)
     baseline_features: dict[int, torch.Tensor] = {}
-
-    attacker, channels_last = crafting_model(model, device, dtype)
-    attack_reports: dict[str, Any] = {}
+    results: dict[str, AttackResult] = {}
     for name in config.attacks:
-        k = attack_sizes[name]
-        bases = to_float(bases_uint8[:, :k])
-        attack = _build_attack(config, name, dtype, channels_last)
-
-        # ---- craft: all instances together ------------------------------------------------
-        phase_start = time.perf_counter()
         phase = f"craft:{name}"
 
         def on_step(step: int, steps: int, objective: float, phase: str = phase) -> None:
             tracker.report(phase, step / steps, step=step, steps=steps, loss=objective)
 
-        tracker.report(phase, 0.0, step=0, steps=config.iterations)
-        crafted = attack(attacker, targets, bases, callback=on_step)
-        craft_seconds = time.perf_counter() - phase_start
-        tracker.finish(phase)
-
-        # ---- re-train the poisoned and the baseline heads as one batched problem ----------
-        phase_start = time.perf_counter()
-        phase = f"retrain:{name}"
-        tracker.report(phase, 0.0, message=f"{2 * len(instances)} heads")
-        instances_count = len(instances)
-        poison_features = extract_features(
-            model, crafted.poisons.flatten(0, 1), dtype=dtype
-        ).view(instances_count, k, -1)
-        if k not in baseline_features:
-            baseline_features[k] = extract_features(
-                model, bases.flatten(0, 1), dtype=dtype
-            ).view(instances_count, k, -1)
-        extra = torch.cat([poison_features, baseline_features[k]])  # (2I, k, D)
-        extra_labels = poison_class.repeat(2)[:, None].expand(-1, k)
-        weights, biases = retrain_heads(
-            clean_features, clean_labels, extra, extra_labels,
-            init_weight=init_weight, init_bias=init_bias, schedule=schedule, seed=config.seed,
-        )  # fmt: skip
-        with torch.no_grad():
-            target_probs = torch.softmax(
-                torch.einsum("hd,hcd->hc", target_features.repeat(2, 1), weights) + biases, -1
+        with timed(phase):
+            tracker.report(phase, 0.0, step=0, steps=config.iterations)
+            crafted = craft_stage(
+                inputs, features, name, attacker, channels_last=channels_last, on_step=on_step
             )
-            re_acc = (head_logits(weights, biases, test_features).argmax(-1) == test_labels)
-            re_acc = re_acc.float().mean(1)
-        retrain_seconds = time.perf_counter() - phase_start
-        tracker.finish(phase)
-
-        attack_reports[name] = _attack_report(
-            name, k, instances, crafted, target_probs, re_acc, craft_seconds, retrain_seconds
-        )
-        timings[f"craft:{name}"] = craft_seconds
-        timings[f"retrain:{name}"] = retrain_seconds
+        k = crafted.poisons.shape[1]
+        with timed(f"retrain:{name}", f"{2 * len(inputs.instances)} heads"):
+            if k not in baseline_features:
+                flat = to_float(features.bases[:, :k]).flatten(0, 1)
+                baseline_features[k] = extract_features(
+                    inputs.model, flat, dtype=inputs.dtype
+                ).view(len(inputs.instances), k, -1)
+            outcome = retrain_stage(inputs, features, crafted, baseline_features[k])
+        seconds = {"craft": timings[phase], "retrain": timings[f"retrain:{name}"]}
+        results[name] = score_stage(name, inputs.instances, crafted, outcome, seconds)
         if poisons_dir is not None:
-            _save_poisons(poisons_dir, name, instances, crafted, bases_uint8[:, :k], targets)
+            _save_poisons(
+                poisons_dir,
+                name,
+                inputs.instances,
+                crafted,
+                features.bases[:, :k],
+                features.targets,
+            )
 
     timings["total"] = time.perf_counter() - started
     progress(Progress(phase="done", fraction=1.0, message=f"{len(config.attacks)} attacks"))
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "model": {
-            "path": str(config.model),
-            "arch": model.arch,
-            "feature_dim": model.feature_dim,
-            "num_classes": model.num_classes,
-            "defense": manifest.get("defense"),
-            "trained_on": manifest.get("dataset"),
-            "weights_sha256": manifest.get("weights_sha256"),
-        },
-        "dataset": {
-            "name": config.dataset,
-            "classes": list(data.classes),
-            "split": split_counts.model_dump(),
-            "retrain_images": len(clean_labels),
-            "pool_images": len(split.pool),
-            "eval_images": eval_count,
-        },
-        "pre_acc": pre_acc,
-        "pre_acc_source": (
-            "measured" if classes_match else ("manifest" if pre_acc is not None else None)
+    return _report(inputs, features, feature_screen, results, timings)
+
+
+class _Phase:
+    """Times one phase, reports its start, and moves the progress tracker past it."""
+
+    def __init__(
+        self, tracker: _Tracker, timings: dict[str, float], phase: str, message: str
+    ) -> None:
+        self.tracker, self.timings, self.phase, self.message = tracker, timings, phase, message
+
+    def __enter__(self) -> None:
+        self.started = time.perf_counter()
+        if self.message:
+            self.tracker.report(self.phase, 0.0, message=self.message)
+
+    def __exit__(self, error_type: object, *_: object) -> None:
+        if error_type is None:
+            self.timings[self.phase] = time.perf_counter() - self.started
+            self.tracker.finish(self.phase)
+
+
+def _report(
+    inputs: AuditInputs,
+    features: AuditFeatures,
+    feature_screen: ScreenFacts | None,
+    results: dict[str, AttackResult],
+    timings: dict[str, float],
+) -> AuditReport:
+    config, model, manifest, data = inputs.config, inputs.model, inputs.manifest, inputs.data
+    pre_acc_source: Literal["measured", "manifest"] | None = None
+    if inputs.classes_match:
+        pre_acc_source = "measured"
+    elif features.pre_acc is not None:
+        pre_acc_source = "manifest"
+    return AuditReport(
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        model=ModelFacts(
+            path=str(config.model),
+            arch=model.arch,
+            feature_dim=model.feature_dim,
+            num_classes=model.num_classes,
+            defense=manifest.get("defense"),
+            trained_on=manifest.get("dataset"),
+            weights_sha256=manifest.get("weights_sha256"),
         ),
-        "head_init": "pretrained" if classes_match else "fresh",
-        "config": config.model_dump(mode="json"),
-        "seed": config.seed,
-        "device": str(device),
-        "precision": str(dtype).removeprefix("torch."),
-        "instances": [
-            {
-                "target_index": inst.target_index,
-                "target_class": inst.target_class,
-                "poison_class": inst.poison_class,
-                "base_indices": list(inst.base_indices),
-            }
-            for inst in instances
+        dataset=DatasetFacts(
+            name=config.dataset,
+            classes=list(data.classes),
+            split=config.resolved_split.model_dump(),
+            retrain_images=len(features.clean_labels),
+            pool_images=len(inputs.split.pool),
+            eval_images=len(features.test_labels),
+        ),
+        pre_acc=features.pre_acc,
+        pre_acc_source=pre_acc_source,
+        head_init="pretrained" if inputs.classes_match else "fresh",
+        config=config.model_dump(mode="json"),
+        seed=config.seed,
+        device=str(inputs.device),
+        precision=str(inputs.dtype).removeprefix("torch."),
+        instances=[
+            InstanceDraw(
+                target_index=inst.target_index,
+                target_class=inst.target_class,
+                poison_class=inst.poison_class,
+                base_indices=list(inst.base_indices),
+            )
+            for inst in inputs.instances
         ],
-        "attacks": attack_reports,
-        "screen": feature_screen,
-        "timings": timings,
-        "versions": {**library_versions(), "platform": platform.platform()},
-    }
+        attacks=results,
+        screen=feature_screen,
+        timings=timings,
+        versions={**library_versions(), "platform": platform.platform()},
+    )
 
 
 def crafting_model(
@@ -513,93 +749,8 @@ def crafting_model(
     folded = FoldedBatchNorm(model).model
     channels_last = uses_channels_last(device, dtype)
     if channels_last:
-        folded = folded.to(memory_format=torch.channels_last)
+        folded = folded.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     return folded, channels_last
-
-
-def _build_attack(
-    config: AuditConfig, name: str, dtype: torch.dtype, channels_last: bool
-) -> Any:
-    common = {
-        "delta": config.delta,
-        "iterations": config.iterations,
-        "batch_size": config.attack_batch_size,
-        "dtype": dtype,
-        "channels_last": channels_last,
-    }
-    if name == "fc":
-        return ATTACKS["fc"](**common, step=config.fc_step, mu=config.fc_mu)
-    if name == "cp":
-        return ATTACKS["cp"](
-            **common, lr=config.polytope_lr, coefficient_steps=config.cp_coefficient_steps
-        )
-    return ATTACKS[name](**common, lr=config.polytope_lr)
-
-
-def _attack_report(
-    name: str,
-    k: int,
-    instances: list[Instance],
-    crafted: CraftResult,
-    target_probs: torch.Tensor,
-    re_acc: torch.Tensor,
-    craft_seconds: float,
-    retrain_seconds: float,
-) -> dict[str, Any]:
-    """Summary and per-instance rows; rows [0, I) of the heads are poisoned, [I, 2I) baseline."""
-    count = len(instances)
-    poison_class = torch.tensor([inst.poison_class for inst in instances])
-    probs = target_probs.cpu()
-    predicted = probs.argmax(-1)
-    success = (predicted[:count] == poison_class).tolist()
-    baseline_success = (predicted[count:] == poison_class).tolist()
-    poison_prob = probs[torch.arange(2 * count), poison_class.repeat(2)].tolist()
-    re_acc_list = re_acc.cpu().tolist()
-    rows = []
-    for i, inst in enumerate(instances):
-        rows.append(
-            {
-                "instance": i,
-                "target_index": inst.target_index,
-                "target_class": inst.target_class,
-                "poison_class": inst.poison_class,
-                "base_indices": list(inst.base_indices[:k]),
-                "success": bool(success[i]),
-                "predicted_class": int(predicted[i]),
-                "poison_class_probability": poison_prob[i],
-                "re_acc": re_acc_list[i],
-                "feature_distance": float(crafted.feature_distance[i]),
-                "relative_feature_distance": float(crafted.relative_distance[i]),
-                "linf": float(crafted.linf[i]),
-                "coefficients": crafted.coefficients[i].cpu().tolist(),
-                "objective_start": float(crafted.objective[0, i]),
-                "objective_end": float(crafted.objective[-1, i]),
-                "baseline_success": bool(baseline_success[i]),
-                "baseline_poison_class_probability": poison_prob[count + i],
-                "baseline_re_acc": re_acc_list[count + i],
-            }
-        )
-    successes, baseline_successes = sum(success), sum(baseline_success)
-    return {
-        "attack": name,
-        "poisons_per_instance": k,
-        "instances": count,
-        "successes": successes,
-        "asr": successes / count,
-        "asr_wilson95": wilson_interval(successes, count),
-        "baseline": {
-            "successes": baseline_successes,
-            "rate": baseline_successes / count,
-            "wilson95": wilson_interval(baseline_successes, count),
-            "re_acc": _mean_std(re_acc_list[count:]),
-        },
-        "re_acc": _mean_std(re_acc_list[:count]),
-        "feature_distance": _mean_std(crafted.feature_distance.cpu().tolist()),
-        "relative_feature_distance": _mean_std(crafted.relative_distance.cpu().tolist()),
-        "max_linf": float(crafted.linf.max()),
-        "seconds": {"craft": craft_seconds, "retrain": retrain_seconds},
-        "rows": rows,
-    }
 
 
 def _save_poisons(
@@ -642,11 +793,3 @@ def _pad_row(tiles: list[torch.Tensor], gap: int = 2) -> torch.Tensor:
     white = torch.full((channels, height, gap), 255, dtype=torch.uint8)
     row = torch.cat([t for tile in tiles for t in (tile, white)], dim=2)
     return torch.cat([row, torch.full((channels, gap, row.shape[2]), 255, dtype=torch.uint8)], 1)
-
-
-def write_report(report: dict[str, Any], path: Path) -> None:
-    """Write the report as indented JSON, atomically (a temporary file renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    partial.replace(path)

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from catalog import SplitConfig
 from core.audit import run_audit
-from core.config import AuditConfig, SplitConfig, pretrain_config
-from core.data import load_dataset
+from core.config import AuditConfig, pretrain_config
+from core.datasets import load_dataset
 from core.train import pretrain
 
 pytestmark = pytest.mark.slow  # two pre-trainings and two audits: about 2.5 minutes
@@ -39,16 +40,30 @@ def reports(fashion, tmp_path_factory) -> dict[str, dict]:
     # The same split (so the same instances); AT gets PGD-3 and 4 epochs to keep this fast.
     for defense, epochs in (("none", 6), ("at", 4)):
         config = pretrain_config(
-            dataset="fashion-mnist", defense=defense, recipe="paper", epochs=epochs,
-            arch="convnet", split=SPLIT, seed=0, pgd_steps=3, precision="float32",
-        )  # fmt: skip
+            dataset="fashion-mnist",
+            defense=defense,
+            recipe="paper",
+            epochs=epochs,
+            arch="convnet",
+            split=SPLIT,
+            seed=0,
+            pgd_steps=3,
+            precision="float32",
+        )
         model_dir = Path(tmp_path_factory.mktemp(f"fashion-{defense}"))
         pretrain(config, out_dir=model_dir, dataset=fashion)
         audit = AuditConfig(
-            model=str(model_dir), dataset="fashion-mnist", split=SPLIT, pairs=SIMILAR_PAIRS,
-            targets_per_pair=5, iterations=200, screen_images=200, seed=0, precision="float32",
-        )  # fmt: skip
-        out[defense] = run_audit(audit, dataset=fashion)
+            model=str(model_dir),
+            dataset="fashion-mnist",
+            split=SPLIT,
+            pairs=SIMILAR_PAIRS,
+            targets_per_pair=5,
+            iterations=200,
+            screen_images=200,
+            seed=0,
+            precision="float32",
+        )
+        out[defense] = run_audit(audit, dataset=fashion).model_dump()
     return out
 
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from catalog import DATASETS
 from core.audit import (
-    SCHEMA_VERSION,
     AuditError,
     HeadSchedule,
     choose_instances,
@@ -26,7 +26,9 @@ from core.audit import (
 )
 from core.checkpoint import save_extractor
 from core.config import AuditConfig
-from core.data import default_split, load_dataset, split_dataset
+from core.data import split_dataset
+from core.datasets import load_dataset
+from core.report import SCHEMA_VERSION, AuditReport, read_report
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +52,13 @@ def _digits_config(model: Path, **overrides) -> AuditConfig:
         "pairs": ((0, 7), (2, 1), (4, 1)),
         "targets_per_pair": 2,
         "iterations": 10,
-        "polytope_poisons": 3,
         "retrain_epochs": 10,
         "retrain_milestones": (6, 8),
         **overrides,
     }
+    # Three poisons for the polytope attacks keeps the test fast.
+    chosen = settings.get("attacks", ("fc", "cp", "bp"))
+    settings.setdefault("attack_settings", {a: {"poisons": 3} for a in ("cp", "bp") if a in chosen})
     return AuditConfig(**settings)
 
 
@@ -70,9 +74,10 @@ def _one_head_alone(clean_x, clean_y, extra_x, extra_y, weight, bias, schedule, 
     optimizer = torch.optim.Adam(head.parameters(), lr=schedule.lr)
     x, y = torch.cat([clean_x, extra_x]), torch.cat([clean_y, extra_y])
     generator = torch.Generator().manual_seed(seed)
-    for epoch in range(schedule.epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = schedule.lr_at(epoch)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=list(schedule.milestones), gamma=schedule.gamma
+    )
+    for _ in range(schedule.epochs):
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), schedule.batch_size):
             batch = order[start : start + schedule.batch_size]
@@ -80,6 +85,7 @@ def _one_head_alone(clean_x, clean_y, extra_x, extra_y, weight, bias, schedule, 
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
+        scheduler.step()
     return head.weight.detach(), head.bias.detach()
 
 
@@ -94,9 +100,15 @@ def test_batched_retraining_equals_a_per_instance_loop():
     schedule = HeadSchedule(epochs=12, lr=0.1, milestones=(6, 9), batch_size=16)
 
     weights, biases = retrain_heads(
-        clean_x, clean_y, extra_x, extra_y,
-        init_weight=weight, init_bias=bias, schedule=schedule, seed=7,
-    )  # fmt: skip
+        clean_x,
+        clean_y,
+        extra_x,
+        extra_y,
+        init_weight=weight,
+        init_bias=bias,
+        schedule=schedule,
+        seed=7,
+    )
 
     assert weights.shape == (heads, classes, dim) and biases.shape == (heads, classes)
     for h in range(heads):
@@ -122,7 +134,7 @@ def test_wilson_interval():
 
 
 def test_instances_are_drawn_from_the_seed_and_the_right_sets(digits):
-    split = split_dataset(digits.train_y, default_split("digits"))
+    split = split_dataset(digits.train_y, DATASETS.get("digits").default_split)
     pairs = ((0, 7), (2, 1))
     first = choose_instances(digits, split.pool, pairs, 3, 5, seed=1)
     assert first == choose_instances(digits, split.pool, pairs, 3, 5, seed=1)
@@ -138,7 +150,7 @@ def test_instances_are_drawn_from_the_seed_and_the_right_sets(digits):
 
 
 def test_zero_budget_gives_the_baseline(digits_checkpoint, digits):
-    report = run_audit(_digits_config(digits_checkpoint, delta=0.0), dataset=digits)
+    report = run_audit(_digits_config(digits_checkpoint, delta=0.0), dataset=digits).model_dump()
     for name in ("fc", "cp", "bp"):
         result = report["attacks"][name]
         assert result["asr"] == result["baseline"]["rate"]
@@ -156,7 +168,11 @@ def test_zero_budget_gives_the_baseline(digits_checkpoint, digits):
 def test_report_has_what_the_issue_lists(digits_checkpoint, digits, tmp_path):
     seen = []
     config = _digits_config(digits_checkpoint, attacks=("fc", "bp"))
-    report = run_audit(config, progress=seen.append, poisons_dir=tmp_path, dataset=digits)
+    typed = run_audit(config, progress=seen.append, poisons_dir=tmp_path, dataset=digits)
+    assert isinstance(typed, AuditReport)
+    # The JSON round trip gives the same typed report back.
+    assert read_report(typed.model_dump_json()) == typed
+    report = typed.model_dump(mode="json")
     json.dumps(report)  # JSON-able as is
 
     assert report["schema_version"] == SCHEMA_VERSION
@@ -170,10 +186,13 @@ def test_report_has_what_the_issue_lists(digits_checkpoint, digits, tmp_path):
     screen = report["screen"]
     assert screen["delta"] == config.delta and screen["images"] == min(500, len(digits.test_y))
     assert screen["separation"] > 1.0 and 0.0 < screen["normalized_drift"] < 10.0
-    assert run_audit(
-        _digits_config(digits_checkpoint, attacks=("fc",), iterations=1, screen_images=0),
-        dataset=digits,
-    )["screen"] is None
+    assert (
+        run_audit(
+            _digits_config(digits_checkpoint, attacks=("fc",), iterations=1, screen_images=0),
+            dataset=digits,
+        ).screen
+        is None
+    )
     assert len(report["instances"]) == 6
     for name, k in (("fc", 1), ("bp", 3)):
         result = report["attacks"][name]
@@ -206,10 +225,15 @@ def test_bad_audits_are_refused_with_the_field_named(digits_checkpoint, digits):
         run_audit(
             _digits_config(digits_checkpoint),
             dataset=load_dataset("fashion-mnist").__class__(
-                "rgb", digits.train_x.expand(-1, 3, -1, -1), digits.train_y,
-                digits.test_x.expand(-1, 3, -1, -1), digits.test_y, digits.classes, False,
+                "rgb",
+                digits.train_x.expand(-1, 3, -1, -1),
+                digits.train_y,
+                digits.test_x.expand(-1, 3, -1, -1),
+                digits.test_y,
+                digits.classes,
+                False,
             ),
-        )  # fmt: skip
+        )
     for field, value in (
         ("pairs", ((1, 1),)),
         ("attacks", ("fc", "xx")),
@@ -226,20 +250,114 @@ def test_cli_writes_the_report_and_poisons(digits_checkpoint, tmp_path, capsys):
     from bulwark.cli import main
 
     out = tmp_path / "report.json"
-    code = main([
-        "audit", "--model", str(digits_checkpoint), "--dataset", "digits",
-        "--attacks", "bp", "--pairs", "0:7,2:1", "--targets-per-pair", "2",
-        "--iterations", "5", "--retrain-epochs", "5", "--out", str(out),
-        "--save-poisons", str(tmp_path / "poisons"),
-    ])  # fmt: skip
+    code = main(
+        [
+            "audit",
+            "--model",
+            str(digits_checkpoint),
+            "--dataset",
+            "digits",
+            "--attacks",
+            "bp",
+            "--pairs",
+            "0:7,2:1",
+            "--targets-per-pair",
+            "2",
+            "--iterations",
+            "5",
+            "--retrain-epochs",
+            "5",
+            "--out",
+            str(out),
+            "--save-poisons",
+            str(tmp_path / "poisons"),
+        ]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     assert report["config"]["pairs"] == [[0, 7], [2, 1]]
     assert report["config"]["retrain_milestones"] == [3, 4]
     assert (tmp_path / "poisons" / "bp.npz").is_file()
     printed = capsys.readouterr().out
-    assert "bp" in printed and "ASR" in printed and "report written" in printed
+    assert "BP" in printed and "ASR" in printed and "report written" in printed
 
-    assert main(["audit", "--model", str(digits_checkpoint), "--dataset", "digits",
-                 "--pairs", "0:0", "--out", str(out)]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "audit",
+                "--model",
+                str(digits_checkpoint),
+                "--dataset",
+                "digits",
+                "--pairs",
+                "0:0",
+                "--out",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "pairs" in capsys.readouterr().err
+
+
+def test_the_same_seed_gives_the_same_report(digits_checkpoint, digits):
+    config = _digits_config(digits_checkpoint, attacks=("fc", "bp"), screen_images=50)
+    first, second = (run_audit(config, dataset=digits).model_dump() for _ in range(2))
+    for report in (first, second):
+        del report["created_at"], report["timings"]
+        for result in report["attacks"].values():
+            del result["seconds"]
+    assert first == second
+
+
+def test_a_schema_1_report_is_still_readable(digits_checkpoint, digits):
+    body = run_audit(
+        _digits_config(digits_checkpoint, attacks=("fc",), iterations=2, screen_images=0),
+        dataset=digits,
+    ).model_dump(mode="json")
+    # A /1 report kept the attack settings flat in its config.
+    config = {k: v for k, v in body["config"].items() if k != "attack_settings"}
+    old = {**body, "schema_version": "bulwark-audit/1", "config": {**config, "fc_mu": 0.1}}
+    old.pop("stored_artifacts")
+    report = read_report(old)
+    assert report.schema_version == "bulwark-audit/1" and report.config["fc_mu"] == 0.1
+
+
+def test_a_toy_attack_added_through_the_registry_runs_in_an_audit(digits_checkpoint, digits):
+    """Adding an attack is a catalog entry and a registered class: nothing else changes."""
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from catalog import ATTACKS, AttackSettings, AttackSpec
+    from core.attacks import IMPLEMENTATIONS, Attack, Crafted, budget_box, register_attack
+
+    class ToySettings(AttackSettings):
+        poisons: int = 2
+
+    ATTACKS.register(AttackSpec("toy", "Toy", "a test", ToySettings))
+    try:
+
+        @register_attack
+        @dataclass(frozen=True)
+        class Toy(Attack):
+            """Moves every pixel by +delta (clipped): uses the context's labels to check them."""
+
+            name: ClassVar[str] = "toy"
+
+            def craft(self, model, context, target_features, bases, callback):
+                context.require("poison_classes", "head_weight", "clean_features")
+                lower, upper = budget_box(bases, self.delta)
+                poisons = torch.clamp(bases + self.delta, lower, upper)
+                objective = [torch.zeros(len(bases))] * (self.iterations + 1)
+                coefficients = torch.full(bases.shape[:2], 1 / bases.shape[1])
+                return Crafted(poisons, coefficients, objective, per_poison_distance=False)
+
+        config = _digits_config(digits_checkpoint, attacks=("toy", "fc"), screen_images=0)
+        report = run_audit(config, dataset=digits)
+        toy = report.attacks["toy"]
+        assert toy.poisons_per_instance == 2 and toy.instances == 6
+        assert toy.max_linf == pytest.approx(config.delta, abs=1e-6)
+        assert report.config["attack_settings"]["toy"] == {"poisons": 2}
+    finally:
+        ATTACKS.unregister("toy")
+        IMPLEMENTATIONS.pop("toy", None)

@@ -104,33 +104,44 @@ def _create_tenant() -> str:
 
 
 def _run_jobs(client: Any, args: argparse.Namespace, base: str, key: str) -> int:
-    from api.services.models import asr_table
+    from core.report import read_report, render_asr_table
 
     pretrain_spec = {
-        "dataset": "digits", "arch": "convnet", "defense": args.defense, "recipe": "quick",
-        "epochs": args.epochs, "name": f"digits-convnet-{args.defense}",
-    }  # fmt: skip
+        "dataset": "digits",
+        "arch": "convnet",
+        "defense": args.defense,
+        "recipe": "quick",
+        "epochs": args.epochs,
+        "name": f"digits-convnet-{args.defense}",
+    }
     print(f"\n1. pre-training: POST /v1/jobs/pretrain {pretrain_spec}")
     pretrain = _follow(client, _submit(client, "/v1/jobs/pretrain", pretrain_spec), args.timeout)
     model_id = pretrain["result_model_id"]
 
     audit_spec = {
-        "model_id": model_id, "dataset": "digits", "attacks": ["fc", "cp", "bp"],
-        "targets_per_pair": args.targets_per_pair, "iterations": args.iterations,
+        "model_id": model_id,
+        "dataset": "digits",
+        "attacks": ["fc", "cp", "bp"],
+        "targets_per_pair": args.targets_per_pair,
+        "iterations": args.iterations,
         "overrides": {"retrain_epochs": args.retrain_epochs, "retrain_milestones": []},
-    }  # fmt: skip
+    }
     print(f"\n2. audit: POST /v1/jobs/audit {audit_spec}")
     audit = _follow(client, _submit(client, "/v1/jobs/audit", audit_spec), args.timeout)
     report = client.get(audit["report_url"]).json()["body"]
 
-    print(f"\nASR of FC, CP and BP against the {args.defense} ConvNet (digits, "
-          f"delta {report['config']['delta']:.3f}):\n")  # fmt: skip
-    print("\n".join(asr_table(report)))
+    print(
+        f"\nASR of FC, CP and BP against the {args.defense} ConvNet (digits, "
+        f"delta {report['config']['delta']:.3f}):\n"
+    )
+    print(render_asr_table(read_report(report), markdown=True))
     print(f"\nhardened checkpoint: {base}/v1/models/{model_id}/weights")
     print(f"model card:          {base}/v1/models/{model_id}/card")
     print(f"API key of this demo tenant: {key}")
-    print(f"  curl -H 'Authorization: Bearer {key}' -o model.safetensors "
-          f"{base}/v1/models/{model_id}/weights")  # fmt: skip
+    print(
+        f"  curl -H 'Authorization: Bearer {key}' -o model.safetensors "
+        f"{base}/v1/models/{model_id}/weights"
+    )
     print(f"(the service stops with the demo; `bulwark serve --port {args.port}` serves it again)")
     return 0
 
@@ -152,8 +163,9 @@ def _follow(client: Any, job: dict[str, Any], timeout: float) -> dict[str, Any]:
         # A line per change of status or phase, and per 5% of progress.
         if (status, phase) != shown[:2] or progress >= shown[2] + 0.05:
             eta = f", ETA {job['eta_seconds']:.0f} s" if job["eta_seconds"] else ""
-            print(f"   [{status}] {100 * progress:5.1f}% {phase}: {job['message']}{eta}",
-                  flush=True)  # fmt: skip
+            print(
+                f"   [{status}] {100 * progress:5.1f}% {phase}: {job['message']}{eta}", flush=True
+            )
             shown = (status, phase, progress)
         if job["status"] == "succeeded":
             return job
