@@ -18,10 +18,14 @@ RUN pip install --no-cache-dir -r /tmp/requirements-api.txt \
     && mkdir -p /data && chown bulwark /data
 COPY alembic.ini ./
 COPY migrations ./migrations
+COPY pyproject.toml README.md ./
 COPY bulwark ./bulwark
+COPY catalog ./catalog
 COPY common ./common
 COPY core ./core
 COPY api ./api
+# The package's metadata (its version, served by the API); the dependencies are installed above.
+RUN pip install --no-cache-dir --no-deps .
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=3s --retries=3 \
@@ -42,10 +46,13 @@ RUN pip install --no-cache-dir -r /tmp/requirements-worker.txt \
     && mkdir -p /data && chown bulwark /data
 COPY alembic.ini ./
 COPY migrations ./migrations
+COPY pyproject.toml README.md ./
 COPY bulwark ./bulwark
+COPY catalog ./catalog
 COPY common ./common
 COPY core ./core
 COPY api ./api
 COPY worker ./worker
+RUN pip install --no-cache-dir --no-deps .
 USER 10001
 CMD ["python", "-m", "bulwark.cli", "worker", "--concurrency", "1"]

@@ -2,22 +2,31 @@
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError, version
+
 from fastapi import FastAPI
 
-import bulwark
 from api.errors import install_error_handlers
 from api.routes import health, jobs, models
-from common.artifacts import LocalArtifactStore
+from common.artifacts import make_artifact_store
 from common.db import make_engine, make_session_factory
 from common.queue import make_celery
 from common.settings import Settings, get_settings
+
+
+def package_version() -> str:
+    """The installed distribution's version (the API imports nothing of the CLI package)."""
+    try:
+        return version("bulwark")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(
         title="Bulwark",
-        version=bulwark.__version__,
+        version=package_version(),
         description="Robust pre-training and clean-label poisoning audits of feature "
         "extractors. Every /v1 route needs `Authorization: Bearer <key>`.",
     )
@@ -25,7 +34,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
-    app.state.store = LocalArtifactStore(settings.resolved_artifact_dir)
+    app.state.store = make_artifact_store(settings)
     app.state.celery = make_celery(settings)
     install_error_handlers(app)
     for router in (health.router, models.router, jobs.router):

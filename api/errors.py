@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -37,13 +38,31 @@ class ConflictError(ServiceError):
 
 
 class InvalidFieldError(ServiceError):
-    """A field that passed its type check but not the service's: a 422 that names it."""
+    """Fields that passed their type checks but not the service's: one 422 naming every one.
+
+    ``errors`` are pydantic-style (each a ``loc`` and a ``msg``, optionally a ``type``); the
+    body has FastAPI's own 422 shape, ``{"detail": [{"loc", "msg", "type"}, ...]}``.
+    ``InvalidFieldError.at(loc, message)`` names a single field.
+    """
 
     status_code = 422
 
-    def __init__(self, loc: tuple[str | int, ...], message: str, **extra: Any) -> None:
-        super().__init__(message, **extra)
-        self.errors = [{"loc": list(loc), "msg": message, "type": "value_error"}]
+    def __init__(self, errors: Sequence[Mapping[str, Any]], **extra: Any) -> None:
+        if not errors:
+            raise ValueError("InvalidFieldError needs at least one error")
+        self.errors = [
+            {"loc": list(e["loc"]), "msg": e["msg"], "type": e.get("type", "value_error")}
+            for e in errors
+        ]
+        super().__init__(
+            "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in self.errors),
+            **extra,
+        )
+
+    @classmethod
+    def at(cls, loc: Sequence[str | int], message: str, **extra: Any) -> InvalidFieldError:
+        """The error of one field."""
+        return cls([{"loc": loc, "msg": message}], **extra)
 
     def body(self) -> dict[str, Any]:
         return {"detail": self.errors, **self.extra}

@@ -16,11 +16,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from catalog import ARCHS, recognize_arch
+from catalog.archs import HEAD_WEIGHT, STEM_WEIGHT
+
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
     "BOOL": 1,
-}  # fmt: skip
+}
 PICKLE_OR_ZIP = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a bare pickle
 
 
@@ -117,17 +128,19 @@ def _natural(value: Any) -> bool:
 
 def infer_model_facts(tensors: dict[str, TensorInfo]) -> dict[str, Any]:
     """Arch, input channels, classes and feature size of a Bulwark model, from its tensor
-    names and shapes (the same rules as ``core.checkpoint.infer_facts``)."""
-    stem, head = tensors.get("body.0.weight"), tensors.get("head.weight")
+    names (``catalog.recognize_arch``, the rule ``core.checkpoint.infer_facts`` uses too) and
+    shapes."""
+    stem, head = tensors.get(STEM_WEIGHT), tensors.get(HEAD_WEIGHT)
     if stem is None or head is None or len(stem.shape) != 4 or len(head.shape) != 2:
         raise SafetensorsError(
-            "not a Bulwark model: expected a 4-D body.0.weight and a 2-D head.weight "
+            f"not a Bulwark model: expected a 4-D {STEM_WEIGHT} and a 2-D {HEAD_WEIGHT} "
             "(state dict of core.models.FeatureClassifier)"
         )
-    if "body.3.conv1.weight" in tensors:
-        arch = "resnet50" if any(".conv3." in name for name in tensors) else "resnet18"
-    else:
-        arch = "convnet"
+    arch = recognize_arch(tensors.keys())
+    if arch is None:
+        raise SafetensorsError(
+            f"the tensor names match none of the architectures {', '.join(ARCHS)}"
+        )
     return {
         "arch": arch,
         "in_channels": stem.shape[1],

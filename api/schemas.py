@@ -1,4 +1,4 @@
-"""Response schemas, named by role (the request specs live in ``common.specs``)."""
+"""Response schemas, named by role (the request specs live in ``catalog.requests``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
-from common.models import JobKind, JobStatus, ModelSource
+from catalog import JobKindName
+from common.models import JobStatus, ModelSource
+from core.report import AuditReport
 
 
 def _as_utc(value: datetime) -> datetime:
@@ -23,7 +25,7 @@ class JobPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: uuid.UUID
-    kind: JobKind
+    kind: JobKindName
     status: JobStatus
     phase: str
     progress: float  # share of the job done, 0 to 1
@@ -32,7 +34,10 @@ class JobPublic(BaseModel):
     error: str | None  # why the job failed, in words a user can act on
     attempts: int
     cancel_requested: bool
-    spec: dict[str, Any]
+    spec: dict[str, Any]  # the request as submitted
+    # The core config the request resolved to (recipe defaults, rescaled schedules), without
+    # the paths and device a worker fills in; None for import jobs.
+    config: dict[str, Any] | None
     model_id: uuid.UUID | None  # the audited model (audit jobs)
     result_model_id: uuid.UUID | None  # the hardened model (pre-training jobs)
     report_url: str | None = None  # the ASR report (audit jobs that succeeded)
@@ -81,7 +86,7 @@ class ReportPublic(BaseModel):
     job_id: uuid.UUID
     model_id: uuid.UUID | None
     created_at: UTCDateTime
-    body: dict[str, Any]
+    body: AuditReport  # the audit's report (core.report; schema bulwark-audit/1 or /2)
 
 
 class HealthPublic(BaseModel):

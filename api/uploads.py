@@ -61,7 +61,7 @@ class _Receiver:
         self._name = options.get(b"name", b"").decode("utf-8", "replace")
         if b"filename" in options:
             if self._name != self.file_field or self._sink is not None:
-                raise InvalidFieldError(
+                raise InvalidFieldError.at(
                     ("body", self._name), f"only one file is accepted, as field {self.file_field!r}"
                 )
             self.result.filename = options[b"filename"].decode("utf-8", "replace")
@@ -82,7 +82,7 @@ class _Receiver:
             return
         self._value += chunk
         if len(self._value) > MAX_FIELD_BYTES:
-            raise InvalidFieldError(("body", self._name), f"longer than {MAX_FIELD_BYTES} bytes")
+            raise InvalidFieldError.at(("body", self._name), f"longer than {MAX_FIELD_BYTES} bytes")
 
     def on_part_end(self) -> None:
         if self._sink is not None and self.result.staged is not None and not self.result.sha256:
@@ -90,7 +90,7 @@ class _Receiver:
             self.result.sha256 = self._digest.hexdigest()
             return
         if len(self.result.fields) >= MAX_FIELDS:
-            raise InvalidFieldError(("body",), f"more than {MAX_FIELDS} form fields")
+            raise InvalidFieldError.at(("body",), f"more than {MAX_FIELDS} form fields")
         self.result.fields[self._name] = self._value.decode("utf-8", "replace")
 
     def close(self) -> None:
@@ -109,7 +109,7 @@ async def receive_upload(
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     boundary = options.get(b"boundary")
     if content_type != b"multipart/form-data" or not boundary:
-        raise InvalidFieldError(("body",), "send multipart/form-data with a file field")
+        raise InvalidFieldError.at(("body",), "send multipart/form-data with a file field")
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes + FORM_OVERHEAD_BYTES:
         raise UploadTooLargeError(

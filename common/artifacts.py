@@ -1,8 +1,10 @@
 """The artifact store: checkpoints, uploaded weights and reports' files, by key.
 
-One small interface, so that an S3-compatible bucket can replace the local directory: keys
-are ``/``-separated relative paths (``models/<id>/model.safetensors``). Writers first fill a
-staging file and then publish it whole, so a reader never sees a partial artifact.
+One small interface, :class:`ArtifactStore`, so that an S3-compatible bucket can replace the
+local directory: keys are ``/``-separated relative paths (``models/<id>/model.safetensors``).
+Writers first fill a staging file and then publish it whole, so a reader never sees a partial
+artifact. The API and the worker get their store from :func:`make_artifact_store` and use only
+the protocol; no code outside this module knows which store it has.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import tempfile
 import uuid
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Protocol
+
+from common.settings import Settings
 
 
 class ArtifactNotFoundError(FileNotFoundError):
@@ -100,15 +104,14 @@ class LocalArtifactStore:
         except FileNotFoundError:
             raise ArtifactNotFoundError(key) from None
 
-    def local_path(self, key: str) -> Path:
-        """The file behind ``key`` (local store only: lets the API send it with sendfile)."""
-        path = self._path(key)
-        if not path.is_file():
-            raise ArtifactNotFoundError(key)
-        return path
-
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+
+def make_artifact_store(settings: Settings) -> ArtifactStore:
+    """The store the settings name: a local directory (``BULWARK_ARTIFACT_DIR``, by default
+    ``<data_dir>/artifacts``). An S3-compatible bucket is one more class and a branch here."""
+    return LocalArtifactStore(settings.resolved_artifact_dir)
 
 
 def model_weights_key(model_id: uuid.UUID | str) -> str:

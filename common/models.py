@@ -24,7 +24,9 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
+
+from catalog import JOB_KINDS
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -45,12 +47,6 @@ class Base(DeclarativeBase):
         datetime: DateTime(timezone=True),
         dict[str, Any]: JSON,
     }
-
-
-class JobKind(enum.StrEnum):
-    PRETRAIN = "pretrain"
-    AUDIT = "audit"
-    IMPORT = "import"  # a torch .pt upload, read by a worker (torch) into safetensors
 
 
 class JobStatus(enum.StrEnum):
@@ -76,9 +72,13 @@ class ModelSource(enum.StrEnum):
 def _enum(cls: type[enum.StrEnum], name: str) -> Enum:
     # Stored as VARCHAR with a CHECK constraint: adding a value is a one-line migration.
     return Enum(
-        cls, name=name, native_enum=False, create_constraint=True, length=16,
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
         values_callable=lambda members: [m.value for m in members],
-    )  # fmt: skip
+    )
 
 
 class Tenant(Base):
@@ -130,7 +130,7 @@ class StoredModel(Base):
 
 
 class Job(Base):
-    """A pre-training or audit job; its id is also the Celery task id."""
+    """A job of one of the kinds of ``catalog.JOB_KINDS``; its id is also the Celery task id."""
 
     __tablename__ = "jobs"
     __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),)
@@ -139,11 +139,16 @@ class Job(Base):
     tenant_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("tenants.id", ondelete="CASCADE"), index=True
     )
-    kind: Mapped[JobKind] = mapped_column(_enum(JobKind, "job_kind"))
+    # A name of ``catalog.JOB_KINDS``, checked in code (not by a CHECK constraint), so a new
+    # kind of job needs no migration.
+    kind: Mapped[str] = mapped_column(String(32))
     status: Mapped[JobStatus] = mapped_column(
         _enum(JobStatus, "job_status"), default=JobStatus.QUEUED, index=True
     )
     spec: Mapped[dict[str, Any]]  # the validated request, as JSON
+    # The core config the request resolved to at submission (``common.specs.stored_config``:
+    # without the paths and device the worker fills in); None for import jobs.
+    config: Mapped[dict[str, Any] | None]
     idempotency_key: Mapped[str | None] = mapped_column(String(200))
     # The audited model (audit jobs); the produced one is result_model_id.
     model_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"))
@@ -163,6 +168,10 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None]
+
+    @validates("kind")
+    def _known_kind(self, _key: str, kind: str) -> str:
+        return JOB_KINDS.check(kind)
 
 
 class Report(Base):

@@ -1,21 +1,18 @@
-"""Task and queue names, and the Celery app both the API (to send) and the worker (to run)
-build from the settings. The API sends tasks by name, so it never imports the worker's code."""
+"""Task names, and the Celery app both the API (to send) and the worker (to run) build from
+the settings. The API sends tasks by name (``catalog.JOB_KINDS``), so it never imports the
+worker's code."""
 
 from __future__ import annotations
 
 from celery import Celery
 
-from common.models import JobKind
+from catalog import JOB_KINDS
 from common.settings import Settings
 
-PRETRAIN_TASK = "bulwark.pretrain"
-AUDIT_TASK = "bulwark.audit"
-IMPORT_TASK = "bulwark.import"
-TASK_FOR_KIND = {
-    JobKind.PRETRAIN: PRETRAIN_TASK,
-    JobKind.AUDIT: AUDIT_TASK,
-    JobKind.IMPORT: IMPORT_TASK,
-}
+
+def task_name(kind: str) -> str:
+    """The Celery task that runs jobs of ``kind`` (a name of ``catalog.JOB_KINDS``)."""
+    return JOB_KINDS.get(kind).task
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -42,7 +39,7 @@ def make_celery(settings: Settings) -> Celery:
         # and CUDA is never initialized in the parent that forks.
         worker_max_tasks_per_child=1,
         task_default_queue=settings.queue,
-        task_routes={name: {"queue": settings.queue} for name in TASK_FOR_KIND.values()},
+        task_routes={spec.task: {"queue": settings.queue} for spec in JOB_KINDS.entries()},
         task_soft_time_limit=settings.task_soft_time_limit_seconds,
         task_time_limit=settings.task_time_limit_seconds,
         broker_transport_options=transport_options,

@@ -19,6 +19,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from catalog import ARCHS, recognize_arch
+from catalog.archs import HEAD_WEIGHT, STEM_WEIGHT
+from core.errors import BulwarkError, ErrorKind
 from core.models import FeatureClassifier, build_model
 
 MANIFEST_FORMAT = "bulwark-extractor/1"
@@ -26,8 +29,10 @@ WEIGHTS_NAME = "model.safetensors"
 MANIFEST_NAME = "manifest.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BulwarkError):
     """A checkpoint that cannot be loaded safely or does not describe a supported model."""
+
+    kind = ErrorKind.BAD_CHECKPOINT
 
 
 @dataclass(frozen=True)
@@ -122,23 +127,28 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def infer_facts(state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Arch, channels, classes and normalization from a state dict's names and shapes."""
+    """Arch, channels, classes and normalization from a state dict's names and shapes.
+
+    The architecture follows from the tensor names alone by ``catalog.recognize_arch``, the
+    rule the API applies to an uploaded safetensors header.
+    """
     try:
-        stem = state["body.0.weight"]
-        head = state["head.weight"]
+        stem = state[STEM_WEIGHT]
+        head = state[HEAD_WEIGHT]
     except KeyError as missing:
         raise CheckpointError(
             f"weights lack {missing}: not a Bulwark model (expected body.*, head.*, normalize.*)"
         ) from None
     if stem.ndim != 4 or head.ndim != 2:
         raise CheckpointError(
-            f"body.0.weight {tuple(stem.shape)} and head.weight {tuple(head.shape)} are not a "
+            f"{STEM_WEIGHT} {tuple(stem.shape)} and {HEAD_WEIGHT} {tuple(head.shape)} are not a "
             "conv kernel and a linear weight: not a Bulwark model"
         )
-    if "body.3.conv1.weight" in state:
-        arch = "resnet50" if any(".conv3." in k for k in state) else "resnet18"
-    else:
-        arch = "convnet"
+    arch = recognize_arch(state.keys())
+    if arch is None:
+        raise CheckpointError(
+            f"the tensor names match none of the architectures {', '.join(ARCHS)}"
+        )
     facts: dict[str, Any] = {
         "arch": arch,
         "in_channels": int(stem.shape[1]),

@@ -31,8 +31,9 @@ def _configure_and_run(connection: Connection) -> None:
 
 def run_migrations_offline() -> None:
     url = context.config.get_main_option("sqlalchemy.url") or get_settings().resolved_database_url
-    context.configure(url=url, target_metadata=target_metadata, literal_binds=True,
-                      compare_type=True)
+    context.configure(
+        url=url, target_metadata=target_metadata, literal_binds=True, compare_type=True
+    )
     with context.begin_transaction():
         context.run_migrations()
 

@@ -22,11 +22,12 @@ from celery import Celery
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.artifacts import LocalArtifactStore
-from common.db import make_engine, make_session_factory
+from common.artifacts import ArtifactStore, make_artifact_store
+from common.db import make_engine, make_session_factory, rows_matched
 from common.models import Job, JobStatus, utcnow
-from common.queue import TASK_FOR_KIND
+from common.queue import task_name
 from common.settings import Settings, get_settings
+from core.errors import BulwarkError
 from core.progress import Progress
 
 logger = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ class JobFailedError(Exception):
 class Resources:
     settings: Settings
     session_factory: sessionmaker[Session]
-    store: LocalArtifactStore
+    store: ArtifactStore
 
 
 @cache
@@ -55,7 +56,7 @@ def _resources_for(pid: int) -> Resources:
     return Resources(
         settings=settings,
         session_factory=make_session_factory(engine),
-        store=LocalArtifactStore(settings.resolved_artifact_dir),
+        store=make_artifact_store(settings),
     )
 
 
@@ -73,26 +74,28 @@ def claim_job(*, resources: Resources, job_id: uuid.UUID, worker: str) -> Job | 
     settings = resources.settings
     now = utcnow()
     with resources.session_factory() as session:
-        claimed = session.execute(
-            update(Job)
-            .where(
-                Job.id == job_id,
-                Job.cancel_requested.is_(False),
-                Job.attempts < settings.max_attempts,
-                or_(
-                    Job.status == JobStatus.QUEUED,
-                    (Job.status == JobStatus.RUNNING) & (Job.lease_expires_at < now),
-                ),
+        claimed = rows_matched(
+            session.execute(
+                update(Job)
+                .where(
+                    Job.id == job_id,
+                    Job.cancel_requested.is_(False),
+                    Job.attempts < settings.max_attempts,
+                    or_(
+                        Job.status == JobStatus.QUEUED,
+                        (Job.status == JobStatus.RUNNING) & (Job.lease_expires_at < now),
+                    ),
+                )
+                .values(
+                    status=JobStatus.RUNNING,
+                    attempts=Job.attempts + 1,
+                    worker=worker,
+                    lease_expires_at=now + timedelta(seconds=settings.lease_seconds),
+                    phase="starting",
+                    updated_at=now,
+                )
             )
-            .values(
-                status=JobStatus.RUNNING,
-                attempts=Job.attempts + 1,
-                worker=worker,
-                lease_expires_at=now + timedelta(seconds=settings.lease_seconds),
-                phase="starting",
-                updated_at=now,
-            )
-        ).rowcount
+        )
         session.commit()
         job = session.get(Job, job_id)
         if job is None:
@@ -111,18 +114,26 @@ def _settle_unclaimable(*, session: Session, job: Job, settings: Settings, now: 
     """A job we may not run: finish it if its last worker died and it cannot go on."""
     lease_over = job.lease_expires_at is not None and _as_utc(job.lease_expires_at) < now
     if job.status == JobStatus.RUNNING and lease_over and job.cancel_requested:
-        _finish(session, job.id, JobStatus.CANCELLED, phase="cancelled",
-                message="cancelled (its worker had stopped)")  # fmt: skip
+        _finish(
+            session,
+            job.id,
+            JobStatus.CANCELLED,
+            phase="cancelled",
+            message="cancelled (its worker had stopped)",
+        )
     elif job.status == JobStatus.QUEUED and job.cancel_requested:
         _finish(session, job.id, JobStatus.CANCELLED, phase="cancelled", message="cancelled")
     elif job.status in (JobStatus.QUEUED, JobStatus.RUNNING) and (
         job.attempts >= settings.max_attempts and (job.status == JobStatus.QUEUED or lease_over)
     ):
         _finish(
-            session, job.id, JobStatus.FAILED, phase=job.phase,
+            session,
+            job.id,
+            JobStatus.FAILED,
+            phase=job.phase,
             error=f"the job stopped its worker {job.attempts} times (last phase: {job.phase}); "
             "it may need more memory than a worker has: try a smaller batch_size or model",
-        )  # fmt: skip
+        )
     else:
         logger.info("job %s is %s and held elsewhere or finished: no-op", job.id, job.status)
 
@@ -146,18 +157,57 @@ def _finish(
     session.execute(
         update(Job)
         .where(Job.id == job_id)
-        .values(status=status, phase=phase, message=message, error=error, finished_at=now,
-                updated_at=now, lease_expires_at=None, eta_seconds=None, **values)
-    )  # fmt: skip
+        .values(
+            status=status,
+            phase=phase,
+            message=message,
+            error=error,
+            finished_at=now,
+            updated_at=now,
+            lease_expires_at=None,
+            eta_seconds=None,
+            **values,
+        )
+    )
     session.commit()
 
 
 def finish_job(
-    *, resources: Resources, job_id: uuid.UUID, status: JobStatus, phase: str,
-    message: str = "", error: str | None = None, **values: object,
-) -> None:  # fmt: skip
+    *,
+    resources: Resources,
+    job_id: uuid.UUID,
+    status: JobStatus,
+    phase: str,
+    message: str = "",
+    error: str | None = None,
+    **values: object,
+) -> None:
     with resources.session_factory() as session:
         _finish(session, job_id, status, phase=phase, message=message, error=error, **values)
+
+
+def failure_message(error: Exception) -> tuple[str, bool]:
+    """The job's error for the user, and whether it is internal (the traceback is logged).
+
+    Decided by the error's class, never its name: a :class:`core.errors.BulwarkError` (bad
+    data, bad checkpoint, diverged training) or a :class:`JobFailedError` carries a message
+    the user can act on; out of memory says how to ask for less; anything else is ours.
+    """
+    if isinstance(error, BulwarkError):
+        return error.user_message, False
+    if isinstance(error, JobFailedError):
+        return str(error), False
+    if is_out_of_memory(error):
+        return f"out of memory ({error}); resubmit with a smaller batch_size or model", False
+    name = type(error).__name__
+    return f"internal error ({name}: {error}); the operators have the traceback in the logs", True
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """A CUDA (or other accelerator) allocation failure, or the host running out of memory."""
+    import torch  # the task body has loaded it already; the parent never does
+
+    return isinstance(error, torch.OutOfMemoryError | MemoryError)
 
 
 def release_lease(*, resources: Resources, job_id: uuid.UUID) -> None:
@@ -282,6 +332,6 @@ def requeue_orphans(*, settings: Settings, celery: Celery) -> int:
         engine.dispose()
     for job_id, kind in jobs:
         celery.send_task(
-            TASK_FOR_KIND[kind], args=[str(job_id)], task_id=str(job_id), queue=settings.queue
+            task_name(kind), args=[str(job_id)], task_id=str(job_id), queue=settings.queue
         )
     return len(jobs)

@@ -1,6 +1,8 @@
 """The Celery tasks: thin wrappers that re-read the job, call the core, persist the result.
 
-Tasks take only the job id (the message is JSON); everything else is read from the database.
+One task per job kind of ``catalog.JOB_KINDS``, registered under the kind's task name; each
+kind's work is one executor function in :data:`EXECUTORS`. Tasks take only the job id (the
+message is JSON); everything else is read from the database.
 """
 
 from __future__ import annotations
@@ -12,18 +14,28 @@ import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
+from pydantic import BaseModel, ValidationError
 from sqlalchemy import update
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 
+from catalog import JOB_KINDS, JobKindSpec
 from common.artifacts import model_manifest_key, model_weights_key
 from common.models import Job, JobStatus, ModelSource, Report, StoredModel, utcnow
-from common.queue import AUDIT_TASK, IMPORT_TASK, PRETRAIN_TASK
 from common.settings import Settings
-from common.specs import AuditJobCreate, ImportJobSpec, PretrainJobCreate, SpecError
+from common.specs import (
+    AuditJobCreate,
+    ImportJobSpec,
+    PretrainJobCreate,
+    SpecError,
+    resolve_audit,
+    resolve_pretrain,
+)
+from core.config import AuditConfig, PretrainConfig
 from worker.celery_app import app
 from worker.jobs import (
     Heartbeat,
@@ -32,6 +44,7 @@ from worker.jobs import (
     ProgressWriter,
     Resources,
     claim_job,
+    failure_message,
     finish_job,
     release_lease,
     worker_name,
@@ -39,27 +52,8 @@ from worker.jobs import (
 )
 
 logger = logging.getLogger(__name__)
-# Errors whose message the core wrote for the user (bad data, bad checkpoint, diverged loss).
-USER_ERROR_NAMES = {"TrainingError", "CheckpointError", "DatasetError", "AuditError"}
 Execute = Callable[[Job, Resources, ProgressWriter], None]
-
-
-@app.task(name=PRETRAIN_TASK, bind=True)
-def run_pretrain(task: Task, job_id: str) -> None:
-    """Pre-train a hardened extractor; a redelivery resumes from the last finished epoch."""
-    run_job(task, job_id, execute=execute_pretrain)
-
-
-@app.task(name=AUDIT_TASK, bind=True)
-def run_audit_job(task: Task, job_id: str) -> None:
-    """Attack a stored extractor with FC, CP and BP and store the ASR report."""
-    run_job(task, job_id, execute=execute_audit)
-
-
-@app.task(name=IMPORT_TASK, bind=True)
-def run_import(task: Task, job_id: str) -> None:
-    """Read an uploaded torch state dict (weights only) and store it as a safetensors model."""
-    run_job(task, job_id, execute=execute_import)
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
 def run_job(task: Task, job_id: str, *, execute: Execute) -> None:
@@ -77,33 +71,38 @@ def run_job(task: Task, job_id: str, *, execute: Execute) -> None:
             progress = ProgressWriter(resources=resources, job_id=job.id, heartbeat=heartbeat)
             execute(job, resources, progress)
     except JobCancelledError:
-        finish_job(resources=resources, job_id=job.id, status=JobStatus.CANCELLED,
-                   phase="cancelled", message="cancelled while running")  # fmt: skip
+        finish_job(
+            resources=resources,
+            job_id=job.id,
+            status=JobStatus.CANCELLED,
+            phase="cancelled",
+            message="cancelled while running",
+        )
     except SoftTimeLimitExceeded:
         finish_job(
-            resources=resources, job_id=job.id, status=JobStatus.FAILED, phase="time limit",
+            resources=resources,
+            job_id=job.id,
+            status=JobStatus.FAILED,
+            phase="time limit",
             error=f"the job ran past the worker's time limit of "
             f"{settings.task_soft_time_limit_seconds} s; ask for fewer epochs or iterations",
-        )  # fmt: skip
+        )
     except OperationalError as error:  # the database went away: transient, retry later
         logger.warning("job %s: database error, retrying: %s", job.id, error)
         with contextlib.suppress(OperationalError):
             release_lease(resources=resources, job_id=job.id)
         raise task.retry(exc=error, countdown=settings.lease_seconds + 5, max_retries=5) from error
     except Exception as error:
-        finish_job(resources=resources, job_id=job.id, status=JobStatus.FAILED,
-                   phase="failed", error=user_message(error))  # fmt: skip
-        if not isinstance(error, JobFailedError) and type(error).__name__ not in USER_ERROR_NAMES:
+        message, internal = failure_message(error)
+        finish_job(
+            resources=resources,
+            job_id=job.id,
+            status=JobStatus.FAILED,
+            phase="failed",
+            error=message,
+        )
+        if internal:
             logger.exception("job %s failed", job.id)
-
-
-def user_message(error: Exception) -> str:
-    name = type(error).__name__
-    if isinstance(error, JobFailedError) or name in USER_ERROR_NAMES:
-        return str(error)
-    if name == "OutOfMemoryError":
-        return f"out of memory ({error}); resubmit with a smaller batch_size or model"
-    return f"internal error ({name}: {error}); the operators have the traceback in the logs"
 
 
 def dataset_dir(settings: Settings, name: str) -> str | None:
@@ -117,31 +116,56 @@ def job_work_dir(settings: Settings, job_id: uuid.UUID) -> Path:
     return settings.resolved_work_dir / str(job_id)
 
 
+def job_config(
+    job: Job, config_type: type[ConfigT], resolve: Callable[[], ConfigT], **service: Any
+) -> ConfigT:
+    """The core config the job was submitted with (its row's ``config``), with the fields the
+    service fills in (paths, device) added; a row written before configs were stored is
+    resolved from its spec now."""
+    try:
+        if job.config is None:
+            return resolve()
+        return config_type.model_validate({**job.config, **service})
+    except (SpecError, ValidationError) as error:
+        raise JobFailedError(f"invalid config: {error}") from None
+
+
 def execute_pretrain(job: Job, resources: Resources, progress: ProgressWriter) -> None:
+    """Pre-train a hardened extractor; a redelivery resumes from the last finished epoch."""
     from core.train import pretrain
 
     settings = resources.settings
     spec = PretrainJobCreate.model_validate(job.spec)
-    try:
-        config = spec.to_config(data_dir=dataset_dir(settings, spec.dataset))
-    except SpecError as error:
-        raise JobFailedError(f"invalid spec: {error}") from None
+    data_dir = dataset_dir(settings, spec.dataset)
+    config = job_config(
+        job, PretrainConfig, lambda: resolve_pretrain(spec, data_dir=data_dir), data_dir=data_dir
+    )
     work_dir = job_work_dir(settings, job.id)
     out_dir = work_dir / "checkpoint"
     result = pretrain(config, out_dir=out_dir, work_dir=work_dir, progress=progress)
 
     model_id = _store_model(
-        resources, job, out_dir, result.manifest, source=ModelSource.PRETRAIN,
+        resources,
+        job,
+        out_dir,
+        result.manifest,
+        source=ModelSource.PRETRAIN,
         name=spec.name or f"{spec.arch}-{spec.defense}-{spec.dataset}-{job.id.hex[:8]}",
-    )  # fmt: skip
+    )
     with resources.session_factory() as session:
-        _mark_succeeded(session, job.id, result_model_id=model_id,
-                        message=f"Pre. Acc {result.pre_acc:.4f}")  # fmt: skip
+        _mark_succeeded(
+            session, job.id, result_model_id=model_id, message=f"Pre. Acc {result.pre_acc:.4f}"
+        )
     shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def _store_model(
-    resources: Resources, job: Job, out_dir: Path, manifest: dict[str, Any], *, name: str,
+    resources: Resources,
+    job: Job,
+    out_dir: Path,
+    manifest: dict[str, Any],
+    *,
+    name: str,
     source: ModelSource,
 ) -> uuid.UUID:
     """Publish ``out_dir``'s checkpoint and write its model row; the id follows from the job
@@ -156,11 +180,18 @@ def _store_model(
         if session.get(StoredModel, model_id) is None:
             session.add(
                 StoredModel(
-                    id=model_id, tenant_id=job.tenant_id, name=name, source=source,
-                    arch=manifest["arch"], num_classes=manifest["num_classes"],
-                    in_channels=manifest["in_channels"], feature_dim=manifest["feature_dim"],
-                    manifest=manifest, sha256=manifest["weights_sha256"],
-                    size_bytes=weights.stat().st_size, weights_key=model_weights_key(model_id),
+                    id=model_id,
+                    tenant_id=job.tenant_id,
+                    name=name,
+                    source=source,
+                    arch=manifest["arch"],
+                    num_classes=manifest["num_classes"],
+                    in_channels=manifest["in_channels"],
+                    feature_dim=manifest["feature_dim"],
+                    manifest=manifest,
+                    sha256=manifest["weights_sha256"],
+                    size_bytes=weights.stat().st_size,
+                    weights_key=model_weights_key(model_id),
                 )
             )
             session.commit()
@@ -168,6 +199,7 @@ def _store_model(
 
 
 def execute_import(job: Job, resources: Resources, progress: ProgressWriter) -> None:
+    """Read an uploaded torch state dict (weights only) and store it as a safetensors model."""
     spec = ImportJobSpec.model_validate(job.spec)
     try:
         _convert_upload(job, spec, resources, progress)
@@ -189,8 +221,11 @@ def _convert_upload(
     work_dir = job_work_dir(resources.settings, job.id)
     work_dir.mkdir(parents=True, exist_ok=True)
     upload = work_dir / "upload.pt"
-    progress(Progress(phase="import", fraction=0.0,
-                      message="reading the torch file with weights_only=True"))  # fmt: skip
+    progress(
+        Progress(
+            phase="import", fraction=0.0, message="reading the torch file with weights_only=True"
+        )
+    )
     resources.store.fetch(spec.upload_key, upload)
     described: dict[str, Any] = {"arch": spec.arch, "in_channels": spec.input_shape[0]}
     if spec.mean is not None and spec.std is not None:
@@ -209,24 +244,32 @@ def _convert_upload(
     if problems:
         raise JobFailedError("the upload does not match its form: " + "; ".join(problems))
     manifest = {
-        "kind": "uploaded-extractor", "input_shape": spec.input_shape,
-        "source_file": spec.filename, "source_sha256": spec.sha256,
+        "kind": "uploaded-extractor",
+        "input_shape": spec.input_shape,
+        "source_file": spec.filename,
+        "source_sha256": spec.sha256,
         **({"classes": spec.classes} if spec.classes else {}),
-    }  # fmt: skip
+    }
     out_dir = work_dir / "checkpoint"
     save_extractor(out_dir, model, manifest)
     full_manifest = json.loads((out_dir / MANIFEST_NAME).read_text())
     model_id = _store_model(
-        resources, job, out_dir, full_manifest, source=ModelSource.UPLOAD,
+        resources,
+        job,
+        out_dir,
+        full_manifest,
+        source=ModelSource.UPLOAD,
         name=spec.name or spec.filename or "uploaded model",
-    )  # fmt: skip
+    )
     with resources.session_factory() as session:
-        _mark_succeeded(session, job.id, result_model_id=model_id,
-                        message="converted to safetensors")  # fmt: skip
+        _mark_succeeded(
+            session, job.id, result_model_id=model_id, message="converted to safetensors"
+        )
     shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def execute_audit(job: Job, resources: Resources, progress: ProgressWriter) -> None:
+    """Attack a stored extractor with the chosen attacks and store the ASR report."""
     from core.audit import run_audit
 
     settings, store = resources.settings, resources.store
@@ -241,36 +284,86 @@ def execute_audit(job: Job, resources: Resources, progress: ProgressWriter) -> N
         store.fetch(model.weights_key, model_dir / "model.safetensors")
         (model_dir / "manifest.json").write_text(json.dumps(model.manifest))
         model_id = model.id
-    try:
-        config = spec.to_config(model=str(model_dir), data_dir=dataset_dir(settings, spec.dataset))
-    except SpecError as error:
-        raise JobFailedError(f"invalid spec: {error}") from None
+    data_dir = dataset_dir(settings, spec.dataset)
+    config = job_config(
+        job,
+        AuditConfig,
+        lambda: resolve_audit(spec, model=str(model_dir), data_dir=data_dir),
+        model=str(model_dir),
+        data_dir=data_dir,
+    )
     poisons_dir = work_dir / "poisons"
-    report: dict[str, Any] = run_audit(config, progress=progress, poisons_dir=poisons_dir)
+    report = run_audit(config, progress=progress, poisons_dir=poisons_dir)
     # The poisons (exact .npz and a .png strip per attack) go to the store beside the report.
     stored = []
     for path in sorted(poisons_dir.glob("*")) if poisons_dir.is_dir() else []:
         key = f"reports/{job.id}/poisons/{path.name}"
         store.put_file(key, path)
         stored.append(key)
-    report = {**report, "stored_artifacts": stored}
+    body = report.model_copy(update={"stored_artifacts": stored}).model_dump(mode="json")
     report_id = uuid.uuid5(job.id, "report")
     with resources.session_factory() as session:
         if session.get(Report, report_id) is None:
-            session.add(Report(id=report_id, tenant_id=job.tenant_id, job_id=job.id,
-                               model_id=model_id, body=report))  # fmt: skip
+            session.add(
+                Report(
+                    id=report_id,
+                    tenant_id=job.tenant_id,
+                    job_id=job.id,
+                    model_id=model_id,
+                    body=body,
+                )
+            )
         _mark_succeeded(session, job.id, result_model_id=None, message="report ready")
     shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _mark_succeeded(session: Any, job_id: uuid.UUID, *, result_model_id: uuid.UUID | None,
-                    message: str) -> None:  # fmt: skip
+def _mark_succeeded(
+    session: Session, job_id: uuid.UUID, *, result_model_id: uuid.UUID | None, message: str
+) -> None:
     now = utcnow()
     session.execute(
         update(Job)
         .where(Job.id == job_id)
-        .values(status=JobStatus.SUCCEEDED, phase="done", progress=1.0, message=message,
-                eta_seconds=None, error=None, finished_at=now, updated_at=now,
-                lease_expires_at=None, result_model_id=result_model_id)
-    )  # fmt: skip
+        .values(
+            status=JobStatus.SUCCEEDED,
+            phase="done",
+            progress=1.0,
+            message=message,
+            eta_seconds=None,
+            error=None,
+            finished_at=now,
+            updated_at=now,
+            lease_expires_at=None,
+            result_model_id=result_model_id,
+        )
+    )
     session.commit()
+
+
+# The work of each job kind; every kind of catalog.JOB_KINDS needs one.
+EXECUTORS: dict[str, Execute] = {
+    "pretrain": execute_pretrain,
+    "audit": execute_audit,
+    "import": execute_import,
+}
+
+
+def _register(kind: JobKindSpec) -> Task:
+    """The Celery task of ``kind``, named as the catalog names it (the API sends that name)."""
+    try:
+        execute = EXECUTORS[kind.name]
+    except KeyError:
+        raise LookupError(
+            f"job kind {kind.name!r} is in catalog.JOB_KINDS but has no executor in "
+            "worker.tasks.EXECUTORS"
+        ) from None
+
+    def run(task: Task, job_id: str) -> None:
+        run_job(task, job_id, execute=execute)
+
+    run.__name__ = run.__qualname__ = f"run_{kind.name}"
+    run.__doc__ = f"Run a job of kind {kind.name!r}: {kind.title}."
+    return app.task(name=kind.task, bind=True)(run)
+
+
+TASKS: dict[str, Task] = {kind.name: _register(kind) for kind in JOB_KINDS.entries()}

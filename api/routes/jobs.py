@@ -10,7 +10,8 @@ from fastapi import APIRouter, Header, Query, status
 from api.deps import CeleryDep, CurrentTenant, SessionDep, SettingsDep
 from api.schemas import JobPublic, JobsPage, ReportPublic
 from api.services import jobs as job_service
-from common.models import JobKind, JobStatus
+from catalog import JobKindName
+from common.models import JobStatus
 from common.specs import AuditJobCreate, PretrainJobCreate
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -31,9 +32,13 @@ def submit_pretrain(
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     job = job_service.submit_pretrain(
-        session=session, celery=celery, settings=settings, tenant=tenant, spec=spec,
+        session=session,
+        celery=celery,
+        settings=settings,
+        tenant=tenant,
+        spec=spec,
         idempotency_key=idempotency_key,
-    )  # fmt: skip
+    )
     return job_service.job_public(job)
 
 
@@ -47,9 +52,13 @@ def submit_audit(
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     job = job_service.submit_audit(
-        session=session, celery=celery, settings=settings, tenant=tenant, spec=spec,
+        session=session,
+        celery=celery,
+        settings=settings,
+        tenant=tenant,
+        spec=spec,
         idempotency_key=idempotency_key,
-    )  # fmt: skip
+    )
     return job_service.job_public(job)
 
 
@@ -57,7 +66,7 @@ def submit_audit(
 def list_jobs(
     session: SessionDep,
     tenant: CurrentTenant,
-    kind: JobKind | None = None,
+    kind: JobKindName | None = None,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,

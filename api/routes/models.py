@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import uuid
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request, status
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from api.deps import CeleryDep, CurrentTenant, SessionDep, SettingsDep, StoreDep
 from api.schemas import ModelPublic, ModelsPage
 from api.services import jobs as job_service
 from api.services import models as model_service
 from api.uploads import receive_upload
+from catalog import ARCHS
 from common.models import Job
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -33,7 +35,7 @@ UPLOAD_FORM = {
                             "description": "model.safetensors, or a torch.save state dict "
                             "(converted by a worker)",
                         },
-                        "arch": {"type": "string", "enum": ["convnet", "resnet18", "resnet50"]},
+                        "arch": {"type": "string", "enum": list(ARCHS.names())},
                         "input_shape": {"type": "string", "example": "3,32,32"},
                         "name": {"type": "string"},
                         "classes": {
@@ -51,7 +53,9 @@ UPLOAD_FORM = {
 }
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, openapi_extra=UPLOAD_FORM)
+@router.post(
+    "", status_code=status.HTTP_201_CREATED, response_model=ModelPublic, openapi_extra=UPLOAD_FORM
+)
 async def upload_model(
     request: Request,
     session: SessionDep,
@@ -59,7 +63,7 @@ async def upload_model(
     settings: SettingsDep,
     celery: CeleryDep,
     tenant: CurrentTenant,
-) -> ModelPublic:
+) -> ModelPublic | JSONResponse:
     """Upload an extractor (streamed, size-limited).
 
     A safetensors file is checked without torch and answers 201 with the model. A
@@ -68,9 +72,11 @@ async def upload_model(
     ``result_model_id`` is the model once it succeeds.
     """
     upload = await receive_upload(
-        request, file_field="file", staging=store.staging_file(),
+        request,
+        file_field="file",
+        staging=store.staging_file(),
         max_bytes=settings.max_upload_bytes,
-    )  # fmt: skip
+    )
     registered = await run_in_threadpool(
         lambda: model_service.register_upload(
             session=session,
@@ -101,8 +107,10 @@ def list_models(
     )
     return ModelsPage(
         items=[model_service.model_public(m) for m in models],
-        total=total, limit=limit, offset=offset,
-    )  # fmt: skip
+        total=total,
+        limit=limit,
+        offset=offset,
+    )
 
 
 @router.get("/{model_id}")
@@ -112,22 +120,41 @@ def get_model(model_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -
     )
 
 
-@router.get("/{model_id}/weights", response_class=FileResponse)
+@router.get(
+    "/{model_id}/weights",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}},
+)
 def download_weights(
     model_id: uuid.UUID, session: SessionDep, store: StoreDep, tenant: CurrentTenant
-) -> FileResponse:
-    """The model's safetensors file; its sha256 is in the ``X-Content-SHA256`` header."""
+) -> StreamingResponse:
+    """The model's safetensors file, streamed from the artifact store; its sha256 is in the
+    ``X-Content-SHA256`` header."""
     model = model_service.get_model(session=session, tenant=tenant, model_id=model_id)
-    return FileResponse(
-        model_service.weights_path(store=store, model=model),
+    chunks, size = model_service.weights_stream(store=store, model=model)
+    return StreamingResponse(
+        chunks,
         media_type="application/octet-stream",
-        filename=f"{model.name}.safetensors".replace("/", "_"),
-        headers={"X-Content-SHA256": model.sha256},
+        headers={
+            "Content-Length": str(size),
+            "Content-Disposition": attachment(f"{model.name}.safetensors".replace("/", "_")),
+            "X-Content-SHA256": model.sha256,
+        },
     )
 
 
+def attachment(filename: str) -> str:
+    """A Content-Disposition header naming ``filename`` (RFC 6266, as Starlette writes it)."""
+    quoted = quote(filename)
+    if quoted != filename:
+        return f"attachment; filename*=utf-8''{quoted}"
+    return f'attachment; filename="{filename}"'
+
+
 @router.get("/{model_id}/card", response_class=PlainTextResponse)
-def model_card(model_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -> str:
+def model_card(
+    model_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant
+) -> PlainTextResponse:
     """A markdown model card: provenance, training recipe and, once audited, the ASR table."""
     model = model_service.get_model(session=session, tenant=tenant, model_id=model_id)
     return PlainTextResponse(

@@ -13,21 +13,27 @@ from sqlalchemy.orm import Session
 
 from api.errors import BrokerUnavailableError, ConflictError, InvalidFieldError, NotFoundError
 from api.schemas import JobPublic
-from common.models import Job, JobKind, JobStatus, Report, StoredModel, Tenant, utcnow
-from common.queue import TASK_FOR_KIND
+from catalog import DATASETS, JOB_KINDS
+from common.db import rows_matched
+from common.models import Job, JobStatus, Report, StoredModel, Tenant, utcnow
+from common.queue import task_name
 from common.settings import Settings
-from common.specs import AuditJobCreate, ImportJobSpec, PretrainJobCreate, SpecError
+from common.specs import (
+    AuditJobCreate,
+    ImportJobSpec,
+    PretrainJobCreate,
+    SpecError,
+    resolve_audit,
+    resolve_pretrain,
+    stored_config,
+)
 
 logger = logging.getLogger(__name__)
-
-# Classes of each named dataset, to refuse an audit whose model cannot fit the data.
-DATASET_CLASSES = {"digits": 10, "fashion-mnist": 10, "mnist": 10, "cifar10": 10,
-                   "tiny-imagenet": 200}  # fmt: skip
 
 
 def job_public(job: Job) -> JobPublic:
     public = JobPublic.model_validate(job)
-    if job.kind == JobKind.AUDIT and job.status == JobStatus.SUCCEEDED:
+    if JOB_KINDS.get(job.kind).has_report and job.status == JobStatus.SUCCEEDED:
         public.report_url = f"/v1/jobs/{job.id}/report"
     return public
 
@@ -42,15 +48,20 @@ def submit_pretrain(
     idempotency_key: str | None,
 ) -> Job:
     try:
-        spec.to_config()  # the core's own checks, torch-free
+        config = resolve_pretrain(spec)  # the core's own checks, torch-free
     except SpecError as error:
-        first = error.errors[0]
-        raise InvalidFieldError(("body", *first["loc"]), first["msg"]) from None
+        raise InvalidFieldError(_in_body(error.errors)) from None
     return _submit(
-        session=session, celery=celery, settings=settings, tenant=tenant,
-        kind=JobKind.PRETRAIN, spec=spec.model_dump(mode="json"), model_id=None,
+        session=session,
+        celery=celery,
+        settings=settings,
+        tenant=tenant,
+        kind="pretrain",
+        spec=spec.model_dump(mode="json"),
+        config=stored_config(config),
+        model_id=None,
         idempotency_key=idempotency_key,
-    )  # fmt: skip
+    )
 
 
 def submit_audit(
@@ -62,37 +73,75 @@ def submit_audit(
     spec: AuditJobCreate,
     idempotency_key: str | None,
 ) -> Job:
+    """Check the audit against its model and the core's config, every problem in one 422."""
     model = session.get(StoredModel, spec.model_id)
     if model is None or model.tenant_id != tenant.id:
         valid = session.scalars(
-            select(StoredModel.id).where(StoredModel.tenant_id == tenant.id)
-            .order_by(StoredModel.created_at.desc()).limit(50)
-        ).all()  # fmt: skip
+            select(StoredModel.id)
+            .where(StoredModel.tenant_id == tenant.id)
+            .order_by(StoredModel.created_at.desc())
+            .limit(50)
+        ).all()
         raise NotFoundError(
             f"no model {spec.model_id}; audit one of valid_model_ids (your newest 50)",
             loc=["body", "model_id"],
             valid_model_ids=[str(v) for v in valid],
         )
-    classes = DATASET_CLASSES[spec.dataset]
+    errors = _class_errors(spec, model)
+    config = None
+    try:
+        # The store key stands in for the model's local folder, which the worker fills in
+        # (stored_config leaves it out). The core's own checks, torch-free.
+        config = resolve_audit(spec, model=model.weights_key)
+    except SpecError as error:
+        errors += _in_body(error.errors)
+    if errors or config is None:
+        raise InvalidFieldError(errors)
+    return _submit(
+        session=session,
+        celery=celery,
+        settings=settings,
+        tenant=tenant,
+        kind="audit",
+        spec=spec.model_dump(mode="json"),
+        config=stored_config(config),
+        model_id=model.id,
+        idempotency_key=idempotency_key,
+    )
+
+
+def _class_errors(spec: AuditJobCreate, model: StoredModel) -> list[dict[str, Any]]:
+    """The dataset's classes against the model's head and the pairs' class indices.
+
+    A dataset whose class count is known only once its files are read (an image folder) is
+    checked by the worker instead.
+    """
+    classes = DATASETS.get(spec.dataset).num_classes
+    if classes is None:
+        return []
+    errors: list[dict[str, Any]] = []
     if model.num_classes != classes:
-        raise InvalidFieldError(
-            ("body", "dataset"),
-            f"{spec.dataset} has {classes} classes but model {model.id} has {model.num_classes}",
+        errors.append(
+            {
+                "loc": ("body", "dataset"),
+                "msg": f"{spec.dataset} has {classes} classes but model {model.id} has "
+                f"{model.num_classes}",
+            }
         )
     for index, pair in enumerate(spec.effective_pairs):
         if max(pair) >= classes:
-            raise InvalidFieldError(
-                ("body", "pairs", index), f"class indices must be below {classes}, got {pair}"
+            errors.append(
+                {
+                    "loc": ("body", "pairs", index),
+                    "msg": f"class indices must be below {classes}, got {list(pair)}",
+                }
             )
-    try:
-        spec.to_config(model=model.weights_key)  # the core's own checks, torch-free
-    except SpecError as error:
-        first = error.errors[0]
-        raise InvalidFieldError(("body", *first["loc"]), first["msg"]) from None
-    return _submit(
-        session=session, celery=celery, settings=settings, tenant=tenant, kind=JobKind.AUDIT,
-        spec=spec.model_dump(mode="json"), model_id=model.id, idempotency_key=idempotency_key,
-    )  # fmt: skip
+    return errors
+
+
+def _in_body(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Errors located in the request, as located in the HTTP request (under ``body``)."""
+    return [{**error, "loc": ("body", *error["loc"])} for error in errors]
 
 
 def submit_import(
@@ -106,9 +155,17 @@ def submit_import(
 ) -> Job:
     """Queue the conversion of a torch upload already in the store at ``spec.upload_key``."""
     return _submit(
-        session=session, celery=celery, settings=settings, tenant=tenant, kind=JobKind.IMPORT,
-        spec=spec.model_dump(mode="json"), model_id=None, idempotency_key=None, job_id=job_id,
-    )  # fmt: skip
+        session=session,
+        celery=celery,
+        settings=settings,
+        tenant=tenant,
+        kind="import",
+        spec=spec.model_dump(mode="json"),
+        config=None,
+        model_id=None,
+        idempotency_key=None,
+        job_id=job_id,
+    )
 
 
 def _submit(
@@ -117,8 +174,9 @@ def _submit(
     celery: Celery,
     settings: Settings,
     tenant: Tenant,
-    kind: JobKind,
+    kind: str,
     spec: dict[str, Any],
+    config: dict[str, Any] | None,
     model_id: uuid.UUID | None,
     idempotency_key: str | None,
     job_id: uuid.UUID | None = None,
@@ -133,9 +191,14 @@ def _submit(
         if existing is not None:
             return _same_request_or_conflict(existing, kind, spec)
     job = Job(
-        id=job_id or uuid.uuid4(), tenant_id=tenant.id, kind=kind, spec=spec, model_id=model_id,
+        id=job_id or uuid.uuid4(),
+        tenant_id=tenant.id,
+        kind=kind,
+        spec=spec,
+        config=config,
+        model_id=model_id,
         idempotency_key=idempotency_key,
-    )  # fmt: skip
+    )
     session.add(job)
     try:
         session.commit()
@@ -153,14 +216,13 @@ def enqueue(*, session: Session, celery: Celery, settings: Settings, job: Job) -
     """Send the job's task; if the broker cannot take it, the job fails with the reason."""
     try:
         celery.send_task(
-            TASK_FOR_KIND[job.kind], args=[str(job.id)], task_id=str(job.id), queue=settings.queue
+            task_name(job.kind), args=[str(job.id)], task_id=str(job.id), queue=settings.queue
         )
     except Exception as error:  # kombu raises many connection error types
         logger.exception("could not enqueue job %s", job.id)
-        job.status, job.error, job.finished_at = (
-            JobStatus.FAILED, f"the job queue is unreachable ({error}); submit again later",
-            utcnow(),
-        )  # fmt: skip
+        job.status = JobStatus.FAILED
+        job.error = f"the job queue is unreachable ({error}); submit again later"
+        job.finished_at = utcnow()
         session.commit()
         raise BrokerUnavailableError(f"the job queue is unreachable: {error}") from error
 
@@ -169,7 +231,7 @@ def _job_by_idempotency_key(session: Session, tenant: Tenant, key: str) -> Job |
     return session.scalar(select(Job).where(Job.tenant_id == tenant.id, Job.idempotency_key == key))
 
 
-def _same_request_or_conflict(job: Job, kind: JobKind, spec: dict[str, Any]) -> Job:
+def _same_request_or_conflict(job: Job, kind: str, spec: dict[str, Any]) -> Job:
     if job.kind != kind or job.spec != spec:
         raise ConflictError(
             f"Idempotency-Key was used for job {job.id} with a different request; "
@@ -189,7 +251,7 @@ def list_jobs(
     *,
     session: Session,
     tenant: Tenant,
-    kind: JobKind | None,
+    kind: str | None,
     status: JobStatus | None,
     limit: int,
     offset: int,
@@ -212,18 +274,28 @@ def cancel_job(*, session: Session, tenant: Tenant, job_id: uuid.UUID) -> Job:
     moment cannot be missed."""
     job = get_job(session=session, tenant=tenant, job_id=job_id)
     now = utcnow()
-    cancelled_queued = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
-        .values(status=JobStatus.CANCELLED, phase="cancelled", finished_at=now,
-                cancel_requested=True, message="cancelled before it started", updated_at=now)
-    ).rowcount  # fmt: skip
-    if not cancelled_queued:
-        flagged = session.execute(
+    cancelled_queued = rows_matched(
+        session.execute(
             update(Job)
-            .where(Job.id == job.id, Job.status == JobStatus.RUNNING)
-            .values(cancel_requested=True, updated_at=now)
-        ).rowcount
+            .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
+            .values(
+                status=JobStatus.CANCELLED,
+                phase="cancelled",
+                finished_at=now,
+                cancel_requested=True,
+                message="cancelled before it started",
+                updated_at=now,
+            )
+        )
+    )
+    if not cancelled_queued:
+        flagged = rows_matched(
+            session.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.status == JobStatus.RUNNING)
+                .values(cancel_requested=True, updated_at=now)
+            )
+        )
         if not flagged:
             session.rollback()
             raise ConflictError(f"job {job.id} already {job.status.value}; nothing to cancel")
@@ -234,8 +306,11 @@ def cancel_job(*, session: Session, tenant: Tenant, job_id: uuid.UUID) -> Job:
 
 def get_report(*, session: Session, tenant: Tenant, job_id: uuid.UUID) -> Report:
     job = get_job(session=session, tenant=tenant, job_id=job_id)
-    if job.kind != JobKind.AUDIT:
-        raise NotFoundError(f"job {job.id} is a {job.kind.value} job; only audits have reports")
+    if not JOB_KINDS.get(job.kind).has_report:
+        with_reports = [kind.name for kind in JOB_KINDS.entries() if kind.has_report]
+        raise NotFoundError(
+            f"job {job.id} is a {job.kind} job; only {', '.join(with_reports)} jobs have reports"
+        )
     report = session.scalar(select(Report).where(Report.job_id == job.id))
     if report is None:
         raise ConflictError(

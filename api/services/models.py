@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 from celery import Celery
@@ -21,11 +21,12 @@ from api.safetensors_check import (
 from api.schemas import ModelPublic
 from api.services import jobs as job_service
 from api.uploads import ReceivedUpload
-from common.artifacts import LocalArtifactStore, import_upload_key, model_weights_key
+from catalog import ARCHS
+from common.artifacts import ArtifactStore, import_upload_key, model_weights_key
 from common.models import Job, ModelSource, Report, StoredModel, Tenant
 from common.settings import Settings
 from common.specs import ImportJobSpec
-from core.config import ARCHS
+from core.report import read_report, render_asr_table
 
 TORCH_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive holding data.pkl
 CONVERT_HINT = (
@@ -47,7 +48,7 @@ def model_public(model: StoredModel) -> ModelPublic:
 def register_upload(
     *,
     session: Session,
-    store: LocalArtifactStore,
+    store: ArtifactStore,
     celery: Celery,
     settings: Settings,
     tenant: Tenant,
@@ -64,14 +65,18 @@ def register_upload(
     staged = upload.staged
     try:
         if staged is None or upload.size == 0:
-            raise InvalidFieldError(("body", "file"), "a non-empty safetensors file is required")
+            raise InvalidFieldError.at(("body", "file"), "a non-empty safetensors file is required")
         with staged.open("rb") as handle:
             head = handle.read(8)
         if head.startswith(TORCH_ZIP_MAGIC):
             return _queue_torch_import(
-                session=session, store=store, celery=celery, settings=settings, tenant=tenant,
+                session=session,
+                store=store,
+                celery=celery,
+                settings=settings,
+                tenant=tenant,
                 upload=upload,
-            )  # fmt: skip
+            )
         if looks_like_pickle(head):
             raise UnsupportedUploadError(
                 "the file is a pickle (torch.save format); only safetensors is accepted "
@@ -81,7 +86,7 @@ def register_upload(
             tensors, _ = read_header(staged)
             facts = infer_model_facts(tensors)
         except SafetensorsError as error:
-            raise InvalidFieldError(("body", "file"), str(error)) from None
+            raise InvalidFieldError.at(("body", "file"), str(error)) from None
         manifest = _upload_manifest(upload.fields, facts)
         model = StoredModel(
             id=uuid.uuid4(),
@@ -115,7 +120,7 @@ def register_upload(
 def _queue_torch_import(
     *,
     session: Session,
-    store: LocalArtifactStore,
+    store: ArtifactStore,
     celery: Celery,
     settings: Settings,
     tenant: Tenant,
@@ -126,7 +131,7 @@ def _queue_torch_import(
     arch = _arch_field(fields)
     input_shape = _int_list(fields, "input_shape", required=True)
     if len(input_shape) != 3 or min(input_shape) < 1:
-        raise InvalidFieldError(
+        raise InvalidFieldError.at(
             ("body", "input_shape"),
             f"input_shape must be [channels, height, width], got {input_shape}",
         )
@@ -134,21 +139,31 @@ def _queue_torch_import(
     if classes is not None and not (
         isinstance(classes, list) and all(isinstance(c, str) for c in classes)
     ):
-        raise InvalidFieldError(("body", "classes"), "classes must be a JSON list of names")
+        raise InvalidFieldError.at(("body", "classes"), "classes must be a JSON list of names")
     normalization = _normalization_field(fields, channels=input_shape[0]) or {}
     job_id = uuid.uuid4()
     spec = ImportJobSpec(
-        upload_key=import_upload_key(job_id), filename=upload.filename, sha256=upload.sha256,
-        name=fields.get("name") or None, arch=arch, input_shape=input_shape, classes=classes,
-        mean=normalization.get("mean"), std=normalization.get("std"),
-    )  # fmt: skip
+        upload_key=import_upload_key(job_id),
+        filename=upload.filename,
+        sha256=upload.sha256,
+        name=fields.get("name") or None,
+        arch=arch,
+        input_shape=input_shape,
+        classes=classes,
+        mean=normalization.get("mean"),
+        std=normalization.get("std"),
+    )
     assert upload.staged is not None
     store.publish(spec.upload_key, upload.staged)
     try:
         return job_service.submit_import(
-            session=session, celery=celery, settings=settings, tenant=tenant, job_id=job_id,
+            session=session,
+            celery=celery,
+            settings=settings,
+            tenant=tenant,
+            job_id=job_id,
             spec=spec,
-        )  # fmt: skip
+        )
     except BaseException:
         store.delete(spec.upload_key)
         raise
@@ -158,12 +173,12 @@ def _upload_manifest(fields: dict[str, str], facts: dict[str, Any]) -> dict[str,
     """The manifest of an upload from its form fields, checked against the weights."""
     arch = _arch_field(fields)
     if arch != facts["arch"]:
-        raise InvalidFieldError(
+        raise InvalidFieldError.at(
             ("body", "arch"), f"arch is {arch!r} but the weights are a {facts['arch']}"
         )
     input_shape = _int_list(fields, "input_shape", required=True)
     if len(input_shape) != 3 or input_shape[0] != facts["in_channels"] or min(input_shape) < 1:
-        raise InvalidFieldError(
+        raise InvalidFieldError.at(
             ("body", "input_shape"),
             f"input_shape must be [channels, height, width] with {facts['in_channels']} channels "
             f"(as the weights have), got {input_shape}",
@@ -178,9 +193,12 @@ def _upload_manifest(fields: dict[str, str], facts: dict[str, Any]) -> dict[str,
     }
     classes = _json_field(fields, "classes")
     if classes is not None:
-        if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
-                and len(classes) == facts["num_classes"]):  # fmt: skip
-            raise InvalidFieldError(
+        if not (
+            isinstance(classes, list)
+            and all(isinstance(c, str) for c in classes)
+            and len(classes) == facts["num_classes"]
+        ):
+            raise InvalidFieldError.at(
                 ("body", "classes"),
                 f"classes must be a JSON list of {facts['num_classes']} names (the head's size)",
             )
@@ -189,7 +207,7 @@ def _upload_manifest(fields: dict[str, str], facts: dict[str, Any]) -> dict[str,
     if normalization is not None:
         manifest["normalization"] = normalization
     elif not facts["has_normalization"]:
-        raise InvalidFieldError(
+        raise InvalidFieldError.at(
             ("body", "mean"), "the weights hold no normalize.mean/std: give mean and std"
         )
     return manifest
@@ -198,9 +216,7 @@ def _upload_manifest(fields: dict[str, str], facts: dict[str, Any]) -> dict[str,
 def _arch_field(fields: dict[str, str]) -> str:
     arch = fields.get("arch", "").strip()
     if arch not in ARCHS:
-        raise InvalidFieldError(
-            ("body", "arch"), f"arch must be one of {list(ARCHS)}, got {arch!r}"
-        )
+        raise InvalidFieldError.at(("body", "arch"), ARCHS.unknown_message(arch))
     return arch
 
 
@@ -209,13 +225,13 @@ def _normalization_field(fields: dict[str, str], *, channels: int) -> dict[str, 
     mean, std = _float_list(fields, "mean"), _float_list(fields, "std")
     if mean is None or std is None:
         if (mean is None) != (std is None):
-            raise InvalidFieldError(
+            raise InvalidFieldError.at(
                 ("body", "mean" if mean is None else "std"), "give mean and std together"
             )
         return None
     for name, values in (("mean", mean), ("std", std)):
         if len(values) != channels or (name == "std" and min(values) <= 0):
-            raise InvalidFieldError(
+            raise InvalidFieldError.at(
                 ("body", name),
                 f"{name} needs {channels} values" + (", all > 0" if name == "std" else ""),
             )
@@ -229,7 +245,7 @@ def _json_field(fields: dict[str, str], name: str) -> Any:
     try:
         return json.loads(raw)
     except json.JSONDecodeError as error:
-        raise InvalidFieldError(("body", name), f"not JSON: {error}") from None
+        raise InvalidFieldError.at(("body", name), f"not JSON: {error}") from None
 
 
 def _numbers(fields: dict[str, str], name: str) -> list[Any] | None:
@@ -239,7 +255,7 @@ def _numbers(fields: dict[str, str], name: str) -> list[Any] | None:
     text = raw.strip()
     values = _json_field(fields, name) if text.startswith("[") else text.split(",")
     if not isinstance(values, list) or not values:
-        raise InvalidFieldError(("body", name), "expected a list like [3, 32, 32] or 3,32,32")
+        raise InvalidFieldError.at(("body", name), "expected a list like [3, 32, 32] or 3,32,32")
     return values
 
 
@@ -247,12 +263,12 @@ def _int_list(fields: dict[str, str], name: str, *, required: bool = False) -> l
     values = _numbers(fields, name)
     if values is None:
         if required:
-            raise InvalidFieldError(("body", name), "field required, e.g. 3,32,32")
+            raise InvalidFieldError.at(("body", name), "field required, e.g. 3,32,32")
         return []
     try:
         return [int(str(v).strip()) for v in values]
     except ValueError:
-        raise InvalidFieldError(("body", name), f"expected integers, got {values}") from None
+        raise InvalidFieldError.at(("body", name), f"expected integers, got {values}") from None
 
 
 def _float_list(fields: dict[str, str], name: str) -> list[float] | None:
@@ -262,7 +278,7 @@ def _float_list(fields: dict[str, str], name: str) -> list[float] | None:
     try:
         return [float(str(v).strip()) for v in values]
     except ValueError:
-        raise InvalidFieldError(("body", name), f"expected numbers, got {values}") from None
+        raise InvalidFieldError.at(("body", name), f"expected numbers, got {values}") from None
 
 
 def get_model(*, session: Session, tenant: Tenant, model_id: uuid.UUID) -> StoredModel:
@@ -283,8 +299,24 @@ def list_models(
     return list(models), total
 
 
-def weights_path(*, store: LocalArtifactStore, model: StoredModel) -> Path:
-    return store.local_path(model.weights_key)
+WEIGHTS_CHUNK_BYTES = 1 << 20
+
+
+def weights_stream(*, store: ArtifactStore, model: StoredModel) -> tuple[Iterator[bytes], int]:
+    """The model's weights as chunks read through the store, and their size in bytes.
+
+    The file is opened here, so a missing artifact fails before a response starts; the
+    reader is closed once the last chunk is sent (or the client goes away).
+    """
+    size = store.size(model.weights_key)
+    reader = store.open(model.weights_key)
+
+    def chunks() -> Iterator[bytes]:
+        with reader:
+            while block := reader.read(WEIGHTS_CHUNK_BYTES):
+                yield block
+
+    return chunks(), size
 
 
 def model_card(*, session: Session, model: StoredModel) -> str:
@@ -335,39 +367,5 @@ def model_card(*, session: Session, model: StoredModel) -> str:
         lines.append("Not audited yet: `POST /v1/jobs/audit` with this model id.")
     for report in reports:
         lines += [f"Audit job `{report.job_id}` ({report.created_at:%Y-%m-%d}):", ""]
-        lines += [*asr_table(report.body), ""]
+        lines += [render_asr_table(read_report(report.body), markdown=True), ""]
     return "\n".join(lines).rstrip() + "\n"
-
-
-def asr_table(body: dict[str, Any]) -> list[str]:
-    """Markdown rows of an audit report: one per attack (``core.audit.run_audit``'s report)."""
-    rows = [
-        "| attack | ASR | successes / instances | 95% interval | Re. Acc | clean baseline |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, result in body.get("attacks", {}).items():
-        low, high = result.get("asr_wilson95", [None, None])
-        interval = f"{100 * low:.1f}-{100 * high:.1f}%" if low is not None else ""
-        re_acc = result.get("re_acc") or {}
-        re_text = f"{re_acc['mean']:.4f} ± {re_acc['std']:.4f}" if "mean" in re_acc else ""
-        baseline = result.get("baseline") or {}
-        base_text = f"{100 * baseline['rate']:.1f}%" if "rate" in baseline else ""
-        rows.append(
-            f"| {name.upper()} | {100 * result['asr']:.1f}% | {result['successes']} / "
-            f"{result['instances']} | {interval} | {re_text} | {base_text} |"
-        )
-    if body.get("pre_acc") is not None:
-        rows.append("")
-        rows.append(f"Pre. Acc {body['pre_acc']:.4f}; delta {body.get('config', {}).get('delta')}")
-    if body.get("screen"):
-        rows.append(feature_screen_line(body["screen"]))
-    return rows
-
-
-def feature_screen_line(screen: dict[str, Any]) -> str:
-    """The Eq. 4a/4b screen of an audit report in one line."""
-    return (
-        f"Feature screen (Eq. 4a/4b, {screen['images']} test images): class separation "
-        f"{screen['separation']:.3f} (larger resists better), normalized adversarial drift "
-        f"{screen['normalized_drift']:.3f} at delta (smaller resists better)"
-    )

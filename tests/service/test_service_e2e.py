@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from common.models import StoredModel
-from common.queue import PRETRAIN_TASK, make_celery
+from common.queue import make_celery, task_name
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -27,10 +27,17 @@ def test_pretrain_then_audit_over_http(client, make_tenant, start_worker, clean_
     worker = start_worker()
     tenant = make_tenant("lab")
     submitted = client.post(
-        "/v1/jobs/pretrain", headers={**tenant.headers, "Idempotency-Key": "first-run"},
-        json={"dataset": "digits", "arch": "convnet", "defense": "none", "recipe": "quick",
-              "epochs": 1, "name": "digits-convnet"},
-    )  # fmt: skip
+        "/v1/jobs/pretrain",
+        headers={**tenant.headers, "Idempotency-Key": "first-run"},
+        json={
+            "dataset": "digits",
+            "arch": "convnet",
+            "defense": "none",
+            "recipe": "quick",
+            "epochs": 1,
+            "name": "digits-convnet",
+        },
+    )
     assert submitted.status_code == 202
     job_id = submitted.json()["id"]
     pretrain = wait_job(client, tenant, job_id, timeout=150)
@@ -47,11 +54,18 @@ def test_pretrain_then_audit_over_http(client, make_tenant, start_worker, clean_
     assert not (settings.resolved_work_dir / job_id).exists()  # scratch removed
 
     audit = client.post(
-        "/v1/jobs/audit", headers=tenant.headers,
-        json={"model_id": model_id, "dataset": "digits", "attacks": ["fc", "cp", "bp"],
-              "pairs": [[0, 7], [2, 1]], "targets_per_pair": 1, "iterations": 5,
-              "overrides": {"retrain_epochs": 5, "retrain_milestones": [], "eval_images": 100}},
-    )  # fmt: skip
+        "/v1/jobs/audit",
+        headers=tenant.headers,
+        json={
+            "model_id": model_id,
+            "dataset": "digits",
+            "attacks": ["fc", "cp", "bp"],
+            "pairs": [[0, 7], [2, 1]],
+            "targets_per_pair": 1,
+            "iterations": 5,
+            "overrides": {"retrain_epochs": 5, "retrain_milestones": [], "eval_images": 100},
+        },
+    )
     assert audit.status_code == 202, audit.text
     audit_job = wait_job(client, tenant, audit.json()["id"], timeout=150)
     assert audit_job["status"] == "succeeded", (audit_job["error"], worker.output()[-3000:])
@@ -70,14 +84,24 @@ def test_pretrain_then_audit_over_http(client, make_tenant, start_worker, clean_
 
     # A retried submission and a redelivered message change nothing.
     retried = client.post(
-        "/v1/jobs/pretrain", headers={**tenant.headers, "Idempotency-Key": "first-run"},
-        json={"dataset": "digits", "arch": "convnet", "defense": "none", "recipe": "quick",
-              "epochs": 1, "name": "digits-convnet"},
-    )  # fmt: skip
+        "/v1/jobs/pretrain",
+        headers={**tenant.headers, "Idempotency-Key": "first-run"},
+        json={
+            "dataset": "digits",
+            "arch": "convnet",
+            "defense": "none",
+            "recipe": "quick",
+            "epochs": 1,
+            "name": "digits-convnet",
+        },
+    )
     assert retried.json()["id"] == job_id and retried.json()["status"] == "succeeded"
-    make_celery(settings).send_task(PRETRAIN_TASK, args=[job_id], task_id=job_id)
-    wait_for(lambda: worker.output().count(f"[{job_id}] succeeded") == 2, timeout=30,
-             what="the redelivered task")  # fmt: skip
+    make_celery(settings).send_task(task_name("pretrain"), args=[job_id], task_id=job_id)
+    wait_for(
+        lambda: worker.output().count(f"[{job_id}] succeeded") == 2,
+        timeout=30,
+        what="the redelivered task",
+    )
     again = client.get(f"/v1/jobs/{job_id}", headers=tenant.headers).json()
     assert (again["attempts"], again["finished_at"]) == (1, pretrain["finished_at"])
     with Session(clean_db) as session:

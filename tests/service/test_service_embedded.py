@@ -17,8 +17,14 @@ from servicekit import ROOT, wait_for
 
 
 def bulwark(env: dict[str, str], *args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "bulwark.cli", *args], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "bulwark.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout
 
@@ -40,18 +46,25 @@ def alive(pid: int) -> bool:
 
 def embedded_env(data_dir: Path) -> dict[str, str]:
     """This process's environment with no service configured: the embedded default."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("BULWARK_") and k not in ("DATABASE_URL", "BROKER_URL")}  # fmt: skip
-    env.update(BULWARK_DATA_DIR=str(data_dir), PYTHONPATH=str(ROOT),
-               BULWARK_PROGRESS_INTERVAL_SECONDS="0.5")  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("BULWARK_") and k not in ("DATABASE_URL", "BROKER_URL")
+    }
+    env.update(
+        BULWARK_DATA_DIR=str(data_dir),
+        PYTHONPATH=str(ROOT),
+        BULWARK_PROGRESS_INTERVAL_SECONDS="0.5",
+    )
     return env
 
 
 def test_serve_runs_api_and_worker_on_sqlite_and_a_filesystem_broker(tmp_path: Path) -> None:
     env = embedded_env(tmp_path / "data")
     assert "upgrade done" in bulwark(env, "db", "upgrade")
-    key = re.search(r"API key \(shown once, store it now\): (\S+)",
-                    bulwark(env, "tenants", "create", "acme")).group(1)  # fmt: skip
+    key = re.search(
+        r"API key \(shown once, store it now\): (\S+)", bulwark(env, "tenants", "create", "acme")
+    ).group(1)
     assert "acme" in bulwark(env, "tenants", "list")
     assert key not in bulwark(env, "tenants", "list")
 
@@ -59,8 +72,11 @@ def test_serve_runs_api_and_worker_on_sqlite_and_a_filesystem_broker(tmp_path: P
     log = tmp_path / "serve.log"
     server = subprocess.Popen(
         [sys.executable, "-m", "bulwark.cli", "serve", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("wb"),
+        stderr=subprocess.STDOUT,
+    )
     worker_pid = None
     try:
         base = f"http://127.0.0.1:{port}"
@@ -75,9 +91,17 @@ def test_serve_runs_api_and_worker_on_sqlite_and_a_filesystem_broker(tmp_path: P
         wait_for(ready, timeout=60, what="bulwark serve to be ready")
         worker_pid = int(re.search(r"worker process (\d+)", log.read_text()).group(1))
         assert (tmp_path / "data" / "bulwark.sqlite3").is_file()
-        job = httpx.post(f"{base}/v1/jobs/pretrain", headers=headers, json={
-            "dataset": "digits", "arch": "convnet", "defense": "none", "recipe": "quick",
-            "epochs": 1})  # fmt: skip
+        job = httpx.post(
+            f"{base}/v1/jobs/pretrain",
+            headers=headers,
+            json={
+                "dataset": "digits",
+                "arch": "convnet",
+                "defense": "none",
+                "recipe": "quick",
+                "epochs": 1,
+            },
+        )
         assert job.status_code == 202, job.text
 
         def finished() -> dict | None:
@@ -86,8 +110,7 @@ def test_serve_runs_api_and_worker_on_sqlite_and_a_filesystem_broker(tmp_path: P
 
         done = wait_for(finished, timeout=150, interval=0.5, what="the embedded job")
         assert done["status"] == "succeeded", (done["error"], log.read_text()[-3000:])
-        weights = httpx.get(f"{base}/v1/models/{done['result_model_id']}/weights",
-                            headers=headers)  # fmt: skip
+        weights = httpx.get(f"{base}/v1/models/{done['result_model_id']}/weights", headers=headers)
         assert weights.status_code == 200 and len(weights.content) > 1000
     finally:
         server.send_signal(signal.SIGTERM)
@@ -102,15 +125,31 @@ def test_demo_runs_pretraining_and_audit_over_http_and_exits_zero(tmp_path: Path
     itself, two jobs over HTTP, the ASR table, the download URL, and the service stopped."""
     env = embedded_env(tmp_path / "data")
     result = subprocess.run(
-        [sys.executable, "-m", "bulwark.cli", "demo", "--port", str(free_port()),
-         "--epochs", "1", "--iterations", "3", "--retrain-epochs", "3"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "bulwark.cli",
+            "demo",
+            "--port",
+            str(free_port()),
+            "--epochs",
+            "1",
+            "--iterations",
+            "3",
+            "--retrain-epochs",
+            "3",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     out = result.stdout
     assert "[succeeded] 100.0% done" in out
     for attack in ("FC", "CP", "BP"):
-        assert re.search(rf"^\| {attack} \| \d+\.\d% \| \d+ / 8 \|", out, re.MULTILINE), out
+        assert re.search(rf"^\| {attack} \| \d+\.\d% \(\d+/8\) \|", out, re.MULTILINE), out
     model_url = re.search(r"hardened checkpoint: (http://\S+/weights)", out)
     assert model_url, out
     # The service went down with the demo: its port answers nothing any more.

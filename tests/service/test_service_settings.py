@@ -13,8 +13,11 @@ from common.settings import Settings
 def test_production_refuses_the_single_machine_defaults() -> None:
     with pytest.raises(ValidationError, match="production needs DATABASE_URL"):
         Settings(environment="production", BROKER_URL="redis://127.0.0.1:6379/0")
-    settings = Settings(environment="production", DATABASE_URL="postgresql+psycopg://x@y/z",
-                        BROKER_URL="redis://y:6379/0")  # fmt: skip
+    settings = Settings(
+        environment="production",
+        DATABASE_URL="postgresql+psycopg://x@y/z",
+        BROKER_URL="redis://y:6379/0",
+    )
     assert not settings.embedded and settings.resolved_database_url.startswith("postgresql")
 
 

@@ -16,10 +16,15 @@ from servicekit import wait_for
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from catalog import ARCHS
 from common.models import StoredModel
 
-FORM = {"arch": "convnet", "input_shape": "1,8,8", "name": "tiny",
-        "classes": json.dumps([str(i) for i in range(10)])}  # fmt: skip
+FORM = {
+    "arch": "convnet",
+    "input_shape": "1,8,8",
+    "name": "tiny",
+    "classes": json.dumps([str(i) for i in range(10)]),
+}
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +59,12 @@ def model_rows(db) -> int:  # type: ignore[no-untyped-def]
 
 
 def upload(client, tenant, data: bytes, form=FORM, filename="model.safetensors"):  # type: ignore[no-untyped-def]
-    return client.post("/v1/models", headers=tenant.headers, data=form,
-                       files={"file": (filename, data, "application/octet-stream")})  # fmt: skip
+    return client.post(
+        "/v1/models",
+        headers=tenant.headers,
+        data=form,
+        files={"file": (filename, data, "application/octet-stream")},
+    )
 
 
 def test_upload_download_and_card(client, make_tenant, convnet_bytes, settings) -> None:
@@ -67,12 +76,17 @@ def test_upload_download_and_card(client, make_tenant, convnet_bytes, settings) 
     model = response.json()
     assert model["sha256"] == hashlib.sha256(convnet_bytes).hexdigest()
     assert (model["arch"], model["num_classes"], model["in_channels"], model["feature_dim"]) == (
-        "convnet", 10, 1, 128,
-    )  # fmt: skip
+        "convnet",
+        10,
+        1,
+        128,
+    )
     assert model["manifest"]["input_shape"] == [1, 8, 8] and model["source"] == "upload"
     weights = client.get(model["weights_url"], headers=tenant.headers)
     assert weights.content == convnet_bytes
     assert weights.headers["X-Content-SHA256"] == model["sha256"]
+    assert weights.headers["Content-Length"] == str(len(convnet_bytes))
+    assert weights.headers["Content-Disposition"] == 'attachment; filename="tiny.safetensors"'
     downloaded = settings.data_dir / "downloaded.safetensors"
     downloaded.write_bytes(weights.content)
     assert load_extractor(downloaded).model.arch == "convnet"
@@ -172,6 +186,8 @@ def test_a_torch_upload_with_a_bad_form_is_refused_before_anything_is_kept(
     payload = b"PK\x03\x04" + b"\0" * 100
     response = upload(client, make_tenant("hub"), payload, form=form, filename="model.pt")
     assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", field]
+    if field == "arch":  # the catalog's message, listing the valid names
+        assert response.json()["detail"][0]["msg"] == ARCHS.unknown_message("vgg")
     assert model_rows(clean_db) == 0 and stored_files(settings) == []
 
 
@@ -237,9 +253,11 @@ def test_oversized_uploads_are_refused_leaving_nothing(
 
     # Chunked, with no Content-Length: the parser stops once the file passes the limit.
     boundary = "bulwarkboundary"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"arch\"\r\n\r\nconvnet\r\n"
-            f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
-            f"filename=\"big.safetensors\"\r\n\r\n").encode()  # fmt: skip
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="arch"\r\n\r\nconvnet\r\n'
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+        f'filename="big.safetensors"\r\n\r\n'
+    ).encode()
 
     def body():  # type: ignore[no-untyped-def]
         yield head
@@ -248,8 +266,9 @@ def test_oversized_uploads_are_refused_leaving_nothing(
         yield f"\r\n--{boundary}--\r\n".encode()
 
     streamed = client.post(
-        "/v1/models", content=body(),
+        "/v1/models",
+        content=body(),
         headers={**tenant.headers, "Content-Type": f"multipart/form-data; boundary={boundary}"},
-    )  # fmt: skip
+    )
     assert streamed.status_code == 413, streamed.text
     assert model_rows(clean_db) == 0 and stored_files(settings) == []
