@@ -1,11 +1,12 @@
 # Two commands on a fresh machine: `make demo` runs the main job, `make test` the test suite.
-# Both create the virtual environment first (PyTorch's local CPU build, then the project).
+# Both create the virtual environment first (PyTorch's local CPU build, then the project and
+# its dev tools: pytest, ruff, mypy). `make test-fast` is the tier to run while editing.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test system bench bench-pretrain bench-attacks
+.PHONY: demo test test-fast lint system bench bench-pretrain bench-attacks
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,9 +24,18 @@ demo: $(STAMP)
 system:
 	scripts/ensure-system
 
-test: $(STAMP) system
-	$(BIN)/ruff check .
+# Everything: lint, format, types, and every test (slow ones and real worker processes too).
+test: lint system
+	$(BIN)/mypy
 	$(BIN)/pytest -q
+
+# Under 2 minutes on 2 cores: lint and the tests not marked slow or e2e (pyproject markers).
+test-fast: lint system
+	$(BIN)/pytest -q -m "not slow and not e2e"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # All the performance evidence in one run (docs/performance.md): pre-training vs ART, then
 # FC/CP/BP crafting vs ART, matmul fractions, head re-training and instance scaling.

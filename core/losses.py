@@ -189,11 +189,17 @@ class DefenseLoss(nn.Module):
         if self._attack_model is None or self._attack_model.source is not model:
             self._attack_model = FoldedBatchNorm(model)
         x_adv = pgd(
-            self._attack_model.refresh(), x, y,
-            epsilon=self.epsilon, steps=self.pgd_steps, step_size=self.pgd_step_size,
-            random_start=self.random_start, feature_term=self.feature_term,
-            generator=generator, autocast=autocast,
-        )  # fmt: skip
+            self._attack_model.refresh(),
+            x,
+            y,
+            epsilon=self.epsilon,
+            steps=self.pgd_steps,
+            step_size=self.pgd_step_size,
+            random_start=self.random_start,
+            feature_term=self.feature_term,
+            generator=generator,
+            autocast=autocast,
+        )
         needs_clean = self.feature_term or use_pcl
         # One forward over adversarial and clean inputs together (batch-norm sees both).
         inputs = torch.cat([x_adv, x]) if needs_clean else x_adv

@@ -68,8 +68,16 @@ def screen(
     clean, drifts = [], []
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        x_adv = pgd(model, xb, yb, epsilon=delta, steps=steps, step_size=2.5 * delta / steps,
-                    feature_term=True, generator=generator)  # fmt: skip
+        x_adv = pgd(
+            model,
+            xb,
+            yb,
+            epsilon=delta,
+            steps=steps,
+            step_size=2.5 * delta / steps,
+            feature_term=True,
+            generator=generator,
+        )
         with torch.no_grad():
             features = model.features(xb)
             drifts.append(feature_distance(model.features(x_adv), features))

@@ -22,26 +22,22 @@ import torch
 
 from core.checkpoint import MANIFEST_NAME, save_extractor
 from core.config import PretrainConfig
-from core.data import (
-    ImageDataset,
-    augment,
-    channel_stats,
-    default_split,
-    load_dataset,
-    split_dataset,
-    to_float,
-)
+from core.data import ImageDataset, augment, channel_stats, split_dataset, to_float
+from core.datasets import load_dataset
 from core.device import autocast, resolve_device, resolve_precision, uses_channels_last
+from core.errors import BulwarkError, ErrorKind
 from core.losses import DefenseLoss
 from core.models import FeatureClassifier, build_model
 from core.progress import Progress, ProgressCallback, ignore_progress
 
 STATE_NAME = "train_state.pt"
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: the lr scheduler's state is saved with the optimizer's
 
 
-class TrainingError(RuntimeError):
+class TrainingError(BulwarkError):
     """A run that cannot go on, with a message the user can act on."""
+
+    kind = ErrorKind.TRAINING_FAILED
 
 
 @dataclass(frozen=True)
@@ -75,11 +71,6 @@ def evaluate(
     return correct / max(1, len(x))
 
 
-def _lr_factor(config: PretrainConfig, epoch: int) -> float:
-    """The learning-rate multiplier in force during ``epoch`` (0-based)."""
-    return config.lr_gamma ** sum(epoch >= m for m in config.milestones)
-
-
 def _state_config(config: PretrainConfig) -> dict[str, Any]:
     # Device and precision may change between an interrupted run and its resumption.
     return config.model_dump(mode="json", exclude={"device", "precision"})
@@ -111,7 +102,7 @@ def pretrain(
 
     progress(Progress(phase="loading data", fraction=0.0, message=config.dataset))
     data = dataset or load_dataset(config.dataset, config.data_dir)
-    split_counts = config.split or default_split(config.dataset)
+    split_counts = config.resolved_split
     split = split_dataset(data.train_y, split_counts)
     train_x = data.train_x[split.pretrain].to(device)
     train_y = data.train_y[split.pretrain].to(device)
@@ -135,7 +126,8 @@ def pretrain(
     model.to(device)
     criterion.to(device)
     if uses_channels_last(device, dtype):
-        model.to(memory_format=torch.channels_last)
+        # torch's stubs lack Module.to(memory_format=...), which it has since 1.5.
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=config.lr,
@@ -143,22 +135,21 @@ def pretrain(
         weight_decay=config.weight_decay,
     )
     centroid_optimizer = torch.optim.SGD([criterion.centroids], lr=config.centroid_lr)
+    # lr * lr_gamma ** (milestones passed), stepped once per finished epoch.
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(
+        optimizer, milestones=list(config.milestones), gamma=config.lr_gamma
+    )
     generator = torch.Generator(device=device).manual_seed(config.seed)
 
+    run = _RunState(model, criterion, optimizer, scheduler, centroid_optimizer, generator)
     state_path = work_dir / STATE_NAME
-    start_epoch = 0
-    if state_path.is_file():
-        start_epoch = _resume(
-            state_path, config, model, criterion, optimizer, centroid_optimizer, generator
-        )
+    start_epoch = _resume(state_path, config, run) if state_path.is_file() else 0
 
     steps_per_epoch = -(-len(train_x) // config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     run_started, run_start_step = time.perf_counter(), start_epoch * steps_per_epoch
     loss_value = accuracy = 0.0
     for epoch in range(start_epoch, config.epochs):
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * _lr_factor(config, epoch)
         joint = config.uses_pcl and epoch >= config.warmup_epochs
         model.train()
         order = torch.randperm(len(train_x), device=device, generator=generator)
@@ -205,10 +196,8 @@ def pretrain(
             )
         seen = min(len(train_x), steps_per_epoch * config.batch_size)
         loss_value, accuracy = float(loss_sum) / seen, int(correct) / seen
-        _save_state(
-            state_path, config, epoch + 1, model, criterion, optimizer, centroid_optimizer,
-            generator,
-        )  # fmt: skip
+        scheduler.step()
+        _save_state(state_path, config, epoch + 1, run)
         progress(
             Progress(
                 phase="training",
@@ -240,7 +229,7 @@ def pretrain(
     }
     if config.uses_pcl:
         manifest["centroids"] = criterion.centroids.detach().cpu().tolist()
-    model.to(memory_format=torch.contiguous_format)
+    model.to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     save_extractor(out_dir, model, manifest)
     progress(Progress(phase="done", fraction=1.0, message=f"Pre. Acc {pre_acc:.4f}"))
     return PretrainResult(
@@ -251,27 +240,31 @@ def pretrain(
     )
 
 
-def _save_state(
-    path: Path,
-    config: PretrainConfig,
-    epochs_done: int,
-    model: FeatureClassifier,
-    criterion: DefenseLoss,
-    optimizer: torch.optim.Optimizer,
-    centroid_optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-) -> None:
+@dataclass(frozen=True)
+class _RunState:
+    """What changes from epoch to epoch, so what a resumed run must restore."""
+
+    model: FeatureClassifier
+    criterion: DefenseLoss  # holds the PCL centroids
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    centroid_optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # batch order, augmentation, PGD random starts
+
+
+def _save_state(path: Path, config: PretrainConfig, epochs_done: int, run: _RunState) -> None:
     """Write the resumable state atomically (a crash mid-write leaves the previous one)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "format": STATE_FORMAT,
         "config": _state_config(config),
         "epochs_done": epochs_done,
-        "model": model.state_dict(),
-        "criterion": criterion.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "centroid_optimizer": centroid_optimizer.state_dict(),
-        "generator": generator.get_state(),
+        "model": run.model.state_dict(),
+        "criterion": run.criterion.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "centroid_optimizer": run.centroid_optimizer.state_dict(),
+        "generator": run.generator.get_state(),
         "torch_rng": torch.get_rng_state(),
     }
     partial = path.with_suffix(".partial")
@@ -279,15 +272,7 @@ def _save_state(
     os.replace(partial, path)
 
 
-def _resume(
-    path: Path,
-    config: PretrainConfig,
-    model: FeatureClassifier,
-    criterion: DefenseLoss,
-    optimizer: torch.optim.Optimizer,
-    centroid_optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-) -> int:
+def _resume(path: Path, config: PretrainConfig, run: _RunState) -> int:
     """Load the state at ``path`` into the run's objects; returns the epochs already done."""
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state.get("format") != STATE_FORMAT or state.get("config") != _state_config(config):
@@ -295,10 +280,11 @@ def _resume(
             f"{path} holds a run with a different configuration; use another output "
             "directory or delete that file to start afresh"
         )
-    model.load_state_dict(state["model"])
-    criterion.load_state_dict(state["criterion"])
-    optimizer.load_state_dict(state["optimizer"])
-    centroid_optimizer.load_state_dict(state["centroid_optimizer"])
-    generator.set_state(state["generator"])
+    run.model.load_state_dict(state["model"])
+    run.criterion.load_state_dict(state["criterion"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.centroid_optimizer.load_state_dict(state["centroid_optimizer"])
+    run.generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     return int(state["epochs_done"])

@@ -1,13 +1,41 @@
-"""Shared fixtures: small extractors pre-trained once per test session on real data."""
+"""Shared test set-up: one torch thread budget, the e2e marker, and small pre-trained extractors.
+
+Tiers (markers in pyproject.toml): ``make test-fast`` runs ``-m "not slow and not e2e"``,
+``make test`` runs everything.
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 
 from core.checkpoint import LoadedExtractor, load_extractor
+
+# Half the cores this process may use, at least one: on the 2-core test machine one thread,
+# since pytest shares the cores with worker processes and the other tests' subprocesses, and
+# two spinning OpenMP threads on a busy core make the small convs here several times slower.
+# BULWARK_TEST_THREADS overrides it (to measure, or on a bigger machine).
+torch.set_num_threads(
+    int(os.environ.get("BULWARK_TEST_THREADS", max(1, len(os.sched_getaffinity(0)) // 2)))
+)
+
+# Tests that start real worker or server processes: the tests/service end-to-end tier.
+E2E_FIXTURES = frozenset({"start_worker"})
+E2E_MODULES = frozenset({"test_service_embedded.py"})  # `bulwark serve` and `bulwark demo`
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & E2E_FIXTURES or item.path.name in E2E_MODULES:
+            item.add_marker(pytest.mark.e2e)
+
+
+QUICK_DIGITS = {"epochs": 3, "arch": "convnet", "recipe": "quick", "seed": 0, "batch_size": 64}
 
 
 @pytest.fixture(scope="session")
@@ -25,8 +53,7 @@ def digits_extractor(tmp_path_factory) -> Callable[..., LoadedExtractor]:
     def make(defense: str, **overrides: object) -> LoadedExtractor:
         key = (defense, *sorted(overrides.items()))
         if key not in cache:
-            settings = {"epochs": 3, "arch": "convnet", "recipe": "quick", "seed": 0,
-                        "batch_size": 64, **overrides}  # fmt: skip
+            settings = QUICK_DIGITS | overrides
             config = pretrain_config(dataset="digits", defense=defense, **settings)
             out = Path(tmp_path_factory.mktemp(f"digits-{defense}"))
             pretrain(config, out_dir=out)

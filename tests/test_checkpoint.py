@@ -8,7 +8,6 @@ import os
 import pickle
 import shlex
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy
@@ -29,15 +28,6 @@ from core.models import FeatureClassifier, build_model
 # arch -> (in_channels, num_classes, feature_dim)
 SHAPES = {"convnet": (1, 10, 128), "resnet18": (3, 7, 512), "resnet50": (3, 4, 2048)}
 ARCHS = tuple(SHAPES)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # The test machine's 2 cores are shared: 2 spinning OpenMP threads make small convs slow.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _trained_looking_model(arch: str) -> FeatureClassifier:

@@ -39,7 +39,8 @@ def test_feature_distance_is_the_euclidean_norm_per_row() -> None:
 
 @pytest.fixture(scope="module")
 def small_model_and_batch(digits_extractor) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-    from core.data import load_dataset, to_float
+    from core.data import to_float
+    from core.datasets import load_dataset
 
     data = load_dataset("digits")
     model = digits_extractor("none").model
@@ -51,8 +52,17 @@ def test_pgd_stays_in_budget_and_raises_the_loss(small_model_and_batch, feature_
     model, x, y = small_model_and_batch
     epsilon = 8 / 255
     generator = torch.Generator().manual_seed(0)
-    x_adv = pgd(model, x, y, epsilon=epsilon, steps=10, step_size=2 / 255, random_start=True,
-                feature_term=feature_term, generator=generator)  # fmt: skip
+    x_adv = pgd(
+        model,
+        x,
+        y,
+        epsilon=epsilon,
+        steps=10,
+        step_size=2 / 255,
+        random_start=True,
+        feature_term=feature_term,
+        generator=generator,
+    )
     assert (x_adv - x).abs().max() <= epsilon + 1e-6
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     with torch.no_grad():
@@ -74,17 +84,35 @@ def test_pgd_restores_training_mode_and_leaves_no_parameter_gradients(
 def test_at_pcl_loss_is_equation_8(small_model_and_batch) -> None:
     model, x, y = small_model_and_batch
     torch.manual_seed(1)
-    criterion = DefenseLoss("at-pcl", num_classes=10, feature_dim=model.feature_dim, alpha=0.3,
-                            epsilon=4 / 255, pgd_steps=3, pgd_step_size=1 / 255,
-                            random_start=True, feature_term=True)  # fmt: skip
-    got = criterion(model, x, y, joint=True, generator=torch.Generator().manual_seed(5),
-                    autocast=nullcontext()).loss  # fmt: skip
-    x_adv = pgd(model, x, y, epsilon=4 / 255, steps=3, step_size=1 / 255, feature_term=True,
-                generator=torch.Generator().manual_seed(5))  # fmt: skip
+    criterion = DefenseLoss(
+        "at-pcl",
+        num_classes=10,
+        feature_dim=model.feature_dim,
+        alpha=0.3,
+        epsilon=4 / 255,
+        pgd_steps=3,
+        pgd_step_size=1 / 255,
+        random_start=True,
+        feature_term=True,
+    )
+
+    def seeded() -> torch.Generator:  # the same PGD random start for every call
+        return torch.Generator().manual_seed(5)
+
+    got = criterion(model, x, y, joint=True, generator=seeded(), autocast=nullcontext()).loss
+    x_adv = pgd(
+        model,
+        x,
+        y,
+        epsilon=4 / 255,
+        steps=3,
+        step_size=1 / 255,
+        feature_term=True,
+        generator=seeded(),
+    )
     f_adv, f_clean = model.features(x_adv), model.features(x)
     at_loss = F.cross_entropy(model.head(f_adv), y) + feature_distance(f_adv, f_clean).mean()
     expected = 0.7 * at_loss + 0.3 * pc_loss(f_clean, y, criterion.centroids)
     assert got.item() == pytest.approx(expected.item(), rel=1e-4)
-    warm = criterion(model, x, y, joint=False, generator=torch.Generator().manual_seed(5),
-                     autocast=nullcontext()).loss  # fmt: skip
+    warm = criterion(model, x, y, joint=False, generator=seeded(), autocast=nullcontext()).loss
     assert warm.item() == pytest.approx(at_loss.item(), rel=1e-4)

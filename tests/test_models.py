@@ -17,17 +17,13 @@ MEAN = {1: (0.3,), 3: (0.1, 0.2, 0.3)}
 STD = {1: (0.2,), 3: (0.3, 0.2, 0.1)}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    # The test machine's 2 cores are shared: 2 spinning OpenMP threads make small convs slow.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    _MODELS.clear()
-
-
 _MODELS: dict[tuple[str, int], FeatureClassifier] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_models() -> Iterator[None]:
+    yield
+    _MODELS.clear()
 
 
 def _model(arch: str, channels: int) -> FeatureClassifier:
