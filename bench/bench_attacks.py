@@ -7,7 +7,9 @@ What it measures, in one run, on one CIFAR-shaped ResNet-18 (3x32x32, the paper'
   Robustness Toolbox's ``FeatureCollisionAttack`` and ``BullseyePolytopeAttackPyTorch`` (one
   instance per call, as ART works), on the same targets, bases and iteration count, and the
   ratio of the two; Convex Polytope, which ART does not implement, beside Bulwark's own BP
-  (the same poisons, plus the simplex coefficient steps);
+  (the same poisons, plus the simplex coefficient steps). Bulwark's attacks run with their
+  catalog settings (``catalog.attacks``: FC's first step and mu, the polytopes' Adam lr, CP's
+  coefficient steps) and ``--poisons`` poisons for the polytopes; ART's BP gets the same lr;
 - the final objective of each, computed afterwards in float32 on the returned poisons:
   ``||f(x_p) - f(x_t)||`` for FC and ``||mean_j f(x_p^j) - f(x_t)||`` for BP, also divided by
   ``||f(x_t)||``; ART's FC does not enforce the l_inf budget, so its poisons are also scored
@@ -51,7 +53,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from core.attacks import BullseyePolytope, ConvexPolytope, FeatureCollision, budget_box, frozen
+from catalog.attacks import (
+    AttackSettings,
+    ConvexPolytopeSettings,
+    FeatureCollisionSettings,
+    PolytopeSettings,
+)
+from core.attacks import AttackContext, BullseyePolytope, attack_class, budget_box, frozen
 from core.audit import HeadSchedule, crafting_model, fresh_head, retrain_heads
 from core.device import autocast, resolve_precision
 from core.models import FeatureClassifier, build_model
@@ -177,15 +185,18 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=40, help="attack instances")
     parser.add_argument("--iterations", type=int, default=500, help="steps per attack")
     parser.add_argument(
-        "--art-instances", type=int, default=2,
+        "--art-instances",
+        type=int,
+        default=2,
         help="instances ART crafts (its time per instance is per call)",
     )
     parser.add_argument("--poisons", type=int, default=5, help="BP poisons per instance")
     parser.add_argument("--delta", type=float, default=25.5 / 255)
     parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto")
     parser.add_argument("--skip-art", action="store_true")
-    parser.add_argument("--scaling", default="1,5,10,20,40",
-                        help="instance counts of the scaling run ('' to skip)")  # fmt: skip
+    parser.add_argument(
+        "--scaling", default="1,5,10,20,40", help="instance counts of the scaling run ('' to skip)"
+    )
     parser.add_argument("--scaling-iterations", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -203,82 +214,111 @@ def main() -> None:
     bases = synthetic_images(n * k, generator).view(n, k, 3, 32, 32)
     art_n = min(args.art_instances, n)
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
-          f"{torch.backends.cpu.get_cpu_capability()}, precision {str(dtype)[6:]}, "
-          f"channels_last {channels_last}")  # fmt: skip
-    print(f"ResNet-18 (random init, eval), synthetic 3x32x32 images, {n} instances, "
-          f"{args.iterations} iterations, delta {args.delta:.4f}")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, precision {str(dtype)[6:]}, "
+        f"channels_last {channels_last}"
+    )
+    print(
+        f"ResNet-18 (random init, eval), synthetic 3x32x32 images, {n} instances, "
+        f"{args.iterations} iterations, delta {args.delta:.4f}"
+    )
     peak = matmul_rate(dtype)
     per_image = flops_per_image(model, dtype, channels_last)
-    print(f"matmul {peak / 1e9:.1f} GFLOP/s ({str(dtype)[6:]}); forward + input gradient "
-          f"{per_image / 1e9:.3f} GFLOP per image")  # fmt: skip
+    print(
+        f"matmul {peak / 1e9:.1f} GFLOP/s ({str(dtype)[6:]}); forward + input gradient "
+        f"{per_image / 1e9:.3f} GFLOP per image"
+    )
 
-    rows = []
-    common = {"delta": args.delta, "iterations": args.iterations, "dtype": dtype,
-              "channels_last": channels_last}  # fmt: skip
-    for name, attack, poisons_per in (
-        ("FC", FeatureCollision(**common), 1),
-        ("BP", BullseyePolytope(**common), k),
-        ("CP", ConvexPolytope(**common), k),
-    ):
+    common = {
+        "delta": args.delta,
+        "iterations": args.iterations,
+        "dtype": dtype,
+        "channels_last": channels_last,
+    }
+    # The catalog's three attacks (catalog.ATTACKS), FC and BP first: the two ART implements.
+    bp_settings = PolytopeSettings(poisons=k)
+    settings: dict[str, AttackSettings] = {
+        "fc": FeatureCollisionSettings(),
+        "bp": bp_settings,
+        "cp": ConvexPolytopeSettings(poisons=k),
+    }
+    rows: dict[str, dict] = {}
+    for key, attack_settings in settings.items():
+        name, poisons_per = key.upper(), attack_settings.poisons
+        attack = attack_class(key)(settings=attack_settings, **common)
+        context = AttackContext(targets=targets, bases=bases[:, :poisons_per])
         start = time.perf_counter()
-        result = attack(attacker, targets, bases[:, :poisons_per])
+        result = attack(attacker, context)
         seconds = time.perf_counter() - start
         # Passes: one forward + input gradient per iteration, plus the first (FC) or last
         # (BP) forward, plus the target forward; forwards alone counted as a third of a pass.
         passes = n * poisons_per * (args.iterations + 1 / 3) + n / 3
         rate = passes * per_image / seconds
         ours = score(model, targets[:art_n], result.poisons[:art_n])
-        rows.append({
-            "attack": name, "ours_s": seconds / n, "ours_obj": ours,
-            "flop_fraction": rate / peak, "gflops": rate / 1e9,
-        })  # fmt: skip
-        print(f"{name}: Bulwark {seconds:.1f}s for {n} instances = {seconds / n:.3f} s/instance, "
-              f"{rate / 1e9:.1f} GFLOP/s = {100 * rate / peak:.0f}% of matmul")  # fmt: skip
+        rows[key] = {
+            "attack": name,
+            "ours_s": seconds / n,
+            "ours_obj": ours,
+            "flop_fraction": rate / peak,
+            "gflops": rate / 1e9,
+        }
+        print(
+            f"{name}: Bulwark {seconds:.1f}s for {n} instances = {seconds / n:.3f} s/instance, "
+            f"{rate / 1e9:.1f} GFLOP/s = {100 * rate / peak:.0f}% of matmul"
+        )
 
     if not args.skip_art:
         fc_lr = art_fc_learning_rate(model, targets[:art_n], bases[:art_n], 0.25 * args.delta)
-        art_fc_s, art_fc = run_art_fc(model, targets[:art_n], bases[:art_n], args.iterations,
-                                      fc_lr)  # fmt: skip
+        art_fc_s, art_fc = run_art_fc(model, targets[:art_n], bases[:art_n], args.iterations, fc_lr)
         art_fc_poisons = torch.stack(art_fc)  # (art_n, 1, C, H, W)
         lower, upper = budget_box(bases[:art_n, :1], args.delta)
         art_fc_projected = torch.clamp(art_fc_poisons, lower, upper)
-        rows[0].update(
+        rows["fc"].update(
             art_s=art_fc_s,
             art_obj=score(model, targets[:art_n], art_fc_poisons),
             art_obj_projected=score(model, targets[:art_n], art_fc_projected),
             art_linf=float((art_fc_poisons - bases[:art_n, :1]).abs().max()),
         )
-        art_bp_s, art_bp = run_art_bp(model, targets[:art_n], bases[:art_n], args.iterations,
-                                      args.delta, 0.04)  # fmt: skip
+        art_bp_s, art_bp = run_art_bp(
+            model, targets[:art_n], bases[:art_n], args.iterations, args.delta, bp_settings.lr
+        )
         art_bp_poisons = torch.stack(art_bp)
-        rows[1].update(
+        rows["bp"].update(
             art_s=art_bp_s,
             art_obj=score(model, targets[:art_n], art_bp_poisons),
             art_linf=float((art_bp_poisons - bases[:art_n]).abs().max()),
         )
 
     print()
-    print(f"{'attack':<7}{'Bulwark s/inst':>15}{'ART s/inst':>12}{'speed-up':>10}"
-          f"{'Bulwark obj (rel)':>22}{'ART obj (rel)':>22}{'ART projected':>22}")  # fmt: skip
-    for row in rows:
+    print(
+        f"{'attack':<7}{'Bulwark s/inst':>15}{'ART s/inst':>12}{'speed-up':>10}"
+        f"{'Bulwark obj (rel)':>22}{'ART obj (rel)':>22}{'ART projected':>22}"
+    )
+    for row in rows.values():
         ours_obj = f"{row['ours_obj'][0]:.4f} ({row['ours_obj'][1]:.4f})"
         if "art_s" in row:
             art_obj = f"{row['art_obj'][0]:.4f} ({row['art_obj'][1]:.4f})"
             projected = row.get("art_obj_projected")
             projected_text = f"{projected[0]:.4f} ({projected[1]:.4f})" if projected else "-"
-            print(f"{row['attack']:<7}{row['ours_s']:>15.3f}{row['art_s']:>12.3f}"
-                  f"{row['art_s'] / row['ours_s']:>9.1f}x{ours_obj:>22}{art_obj:>22}"
-                  f"{projected_text:>22}")  # fmt: skip
+            print(
+                f"{row['attack']:<7}{row['ours_s']:>15.3f}{row['art_s']:>12.3f}"
+                f"{row['art_s'] / row['ours_s']:>9.1f}x{ours_obj:>22}{art_obj:>22}"
+                f"{projected_text:>22}"
+            )
         else:
             print(f"{row['attack']:<7}{row['ours_s']:>15.3f}{'-':>12}{'-':>10}{ours_obj:>22}")
     if not args.skip_art:
-        print(f"objectives on the first {art_n} instances; ART FC max l_inf "
-              f"{rows[0]['art_linf']:.4f}, ART BP max l_inf {rows[1]['art_linf']:.4f} "
-              f"(budget {args.delta:.4f})")  # fmt: skip
-    for row in rows:
-        print(f"{row['attack']} crafting: {row['gflops']:.1f} GFLOP/s = "
-              f"{100 * row['flop_fraction']:.0f}% of measured {str(dtype)[6:]} matmul rate")
+        print(
+            f"objectives on the first {art_n} instances; ART FC max l_inf "
+            f"{rows['fc']['art_linf']:.4f}, ART BP max l_inf {rows['bp']['art_linf']:.4f} "
+            f"(budget {args.delta:.4f})"
+        )
+    for row in rows.values():
+        print(
+            f"{row['attack']} crafting: {row['gflops']:.1f} GFLOP/s = "
+            f"{100 * row['flop_fraction']:.0f}% of measured {str(dtype)[6:]} matmul rate"
+        )
 
     # ---- re-training heads: 500 clean features (50 per class) + 5 poisons per head ---------
     dim, classes = model.feature_dim, model.num_classes
@@ -289,27 +329,41 @@ def main() -> None:
         extra = torch.randn(heads, 5, dim, generator=generator).abs()
         extra_labels = torch.randint(0, classes, (heads, 1), generator=generator).expand(-1, 5)
         start = time.perf_counter()
-        retrain_heads(clean, labels, extra, extra_labels, init_weight=weight, init_bias=bias,
-                      schedule=HeadSchedule(), seed=args.seed)  # fmt: skip
-        print(f"re-training {heads} heads (100 epochs, Adam, batch 64): "
-              f"{time.perf_counter() - start:.2f}s")
+        retrain_heads(
+            clean,
+            labels,
+            extra,
+            extra_labels,
+            init_weight=weight,
+            init_bias=bias,
+            schedule=HeadSchedule(),
+            seed=args.seed,
+        )
+        print(
+            f"re-training {heads} heads (100 epochs, Adam, batch 64): "
+            f"{time.perf_counter() - start:.2f}s"
+        )
 
     # ---- scaling: the same attack on more instances at once ------------------------------
     counts = [int(c) for c in args.scaling.split(",") if c]
     if counts:
-        scaling = BullseyePolytope(**{**common, "iterations": args.scaling_iterations})
+        scaling = BullseyePolytope(
+            settings=bp_settings, **{**common, "iterations": args.scaling_iterations}
+        )
         extra = synthetic_images(max(counts) * (k + 1), generator)
-        more_targets, more_bases = extra[: max(counts)], extra[max(counts):].view(-1, k, 3, 32, 32)
+        more_targets, more_bases = extra[: max(counts)], extra[max(counts) :].view(-1, k, 3, 32, 32)
         print(f"\nBP scaling ({args.scaling_iterations} iterations, {k} poisons per instance):")
         print(f"{'instances':>10}{'seconds':>10}{'s/instance':>12}{'vs 1 instance':>15}")
         single = None
         for count in counts:
             start = time.perf_counter()
-            scaling(attacker, more_targets[:count], more_bases[:count])
+            scaling(attacker, AttackContext(targets=more_targets[:count], bases=more_bases[:count]))
             seconds = time.perf_counter() - start
             single = single or seconds / count
-            print(f"{count:>10}{seconds:>10.2f}{seconds / count:>12.3f}"
-                  f"{seconds / count / single:>14.2f}x")  # fmt: skip
+            print(
+                f"{count:>10}{seconds:>10.2f}{seconds / count:>12.3f}"
+                f"{seconds / count / single:>14.2f}x"
+            )
 
 
 if __name__ == "__main__":

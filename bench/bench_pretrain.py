@@ -32,8 +32,10 @@ from tempfile import TemporaryDirectory
 import torch
 from torch import nn
 
-from core.config import SplitConfig, pretrain_config
-from core.data import ImageDataset, load_dataset
+from catalog import SplitConfig
+from core.config import pretrain_config
+from core.data import ImageDataset
+from core.datasets import load_dataset
 from core.device import autocast, cpu_has_fast_bfloat16, resolve_device, resolve_precision
 from core.models import build_model
 from core.train import evaluate, pretrain
@@ -45,20 +47,31 @@ def cifar_shaped(images_per_class: int, seed: int = 0) -> ImageDataset:
     n = 10 * (images_per_class + 2)
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator)
     y = torch.arange(n) % 10
-    return ImageDataset("cifar-shaped-noise", x, y, x[:20], y[:20],
-                        tuple(str(i) for i in range(10)), flip=True)  # fmt: skip
+    return ImageDataset(
+        "cifar-shaped-noise", x, y, x[:20], y[:20], tuple(str(i) for i in range(10)), flip=True
+    )
 
 
 def bulwark_images_per_second(
     data: ImageDataset, arch: str, defense: str, args: argparse.Namespace, **overrides: object
 ) -> float:
     per_class = int(data.train_y.bincount().min()) - 2
+    # The config names a catalog dataset; the images are ``data``, handed to pretrain below, so
+    # "cifar10" (the shape they imitate) only labels the run.
     config = pretrain_config(
-        dataset=data.name, defense=defense, recipe="quick", epochs=1, arch=arch,
-        batch_size=args.batch, pgd_steps=args.pgd_steps, epsilon=args.epsilon,
-        split=SplitConfig(pretrain=per_class, retrain=1, pool=1), device=args.device,
-        warmup_epochs=0, **overrides,
-    )  # fmt: skip
+        dataset="cifar10",
+        defense=defense,
+        recipe="quick",
+        epochs=1,
+        arch=arch,
+        batch_size=args.batch,
+        pgd_steps=args.pgd_steps,
+        epsilon=args.epsilon,
+        split=SplitConfig(pretrain=per_class, retrain=1, pool=1),
+        device=args.device,
+        warmup_epochs=0,
+        **overrides,
+    )
     marks: dict[str, float] = {}
 
     def clock(report) -> None:
@@ -85,9 +98,14 @@ def art_trainer(model: nn.Module, args: argparse.Namespace, shape: tuple[int, ..
         device_type="gpu" if resolve_device(args.device).type == "cuda" else "cpu",
     )
     return classifier, AdversarialTrainerMadryPGD(
-        classifier, nb_epochs=1, batch_size=args.batch, eps=args.epsilon,
-        eps_step=2.5 * args.epsilon / args.pgd_steps, max_iter=args.pgd_steps, num_random_init=1,
-    )  # fmt: skip
+        classifier,
+        nb_epochs=1,
+        batch_size=args.batch,
+        eps=args.epsilon,
+        eps_step=2.5 * args.epsilon / args.pgd_steps,
+        max_iter=args.pgd_steps,
+        num_random_init=1,
+    )
 
 
 def art_images_per_second(data: ImageDataset, arch: str, args: argparse.Namespace) -> float:
@@ -108,8 +126,9 @@ def same_accuracy(args: argparse.Namespace) -> None:
     split = SplitConfig(pretrain=per_class, retrain=1, pool=1)
     subset = torch.cat([torch.nonzero(data.train_y == c).flatten()[:per_class] for c in range(10)])
     test_x, test_y = data.test_x[:2000], data.test_y[:2000]
-    small = ImageDataset(data.name, data.train_x, data.train_y, test_x, test_y, data.classes,
-                         data.flip)  # fmt: skip
+    small = ImageDataset(
+        data.name, data.train_x, data.train_y, test_x, test_y, data.classes, data.flip
+    )
     precisions = ["float32"]
     device = resolve_device(args.device)
     if resolve_precision("auto", device) == torch.bfloat16:
@@ -117,11 +136,23 @@ def same_accuracy(args: argparse.Namespace) -> None:
     results = {}
     for precision in precisions:
         config = pretrain_config(
-            dataset="fashion-mnist", defense="at", recipe="quick", epochs=epochs, arch="convnet",
-            batch_size=args.batch, pgd_steps=args.pgd_steps, epsilon=args.epsilon, lr=lr,
-            milestones=(), augment=False, feature_term=False, split=split, seed=0,
-            precision=precision, device=args.device,
-        )  # fmt: skip
+            dataset="fashion-mnist",
+            defense="at",
+            recipe="quick",
+            epochs=epochs,
+            arch="convnet",
+            batch_size=args.batch,
+            pgd_steps=args.pgd_steps,
+            epsilon=args.epsilon,
+            lr=lr,
+            milestones=(),
+            augment=False,
+            feature_term=False,
+            split=split,
+            seed=0,
+            precision=precision,
+            device=args.device,
+        )
         with TemporaryDirectory() as tmp:
             started = time.perf_counter()
             result = pretrain(config, out_dir=Path(tmp), dataset=small)
@@ -138,9 +169,11 @@ def same_accuracy(args: argparse.Namespace) -> None:
     trainer.fit(x, data.train_y[subset].numpy(), nb_epochs=epochs)
     elapsed = time.perf_counter() - started
     results["ART"] = (evaluate(model.to(device), test_x, test_y), elapsed)
-    print(f"\nSame-accuracy check: ConvNet, plain Madry AT (PGD-{args.pgd_steps}, eps "
-          f"{args.epsilon:.4f}), Fashion-MNIST {10 * per_class} train / 2000 test images, "
-          f"{epochs} epochs, SGD lr {lr}")  # fmt: skip
+    print(
+        f"\nSame-accuracy check: ConvNet, plain Madry AT (PGD-{args.pgd_steps}, eps "
+        f"{args.epsilon:.4f}), Fashion-MNIST {10 * per_class} train / 2000 test images, "
+        f"{epochs} epochs, SGD lr {lr}"
+    )
     print(f"{'trainer':<20}{'Pre. Acc':>10}{'seconds':>10}")
     for name, (accuracy, seconds) in results.items():
         print(f"{name:<20}{100 * accuracy:>9.2f}%{seconds:>10.1f}")
@@ -164,10 +197,12 @@ def bfloat16_speed(args: argparse.Namespace) -> None:
                 torch.cuda.synchronize()
             if repeat:  # the first run warms up the kernels
                 timings[dtype] = time.perf_counter() - started
-    print(f"\nResNet-18 forward+input-gradient, batch 64: float32 {timings[torch.float32]:.2f} s,"
-          f" bfloat16 {timings[torch.bfloat16]:.2f} s (bfloat16 is "
-          f"{timings[torch.float32] / timings[torch.bfloat16]:.2f}x float32's speed); "
-          f"fast bfloat16 on this CPU: {cpu_has_fast_bfloat16()}")  # fmt: skip
+    print(
+        f"\nResNet-18 forward+input-gradient, batch 64: float32 {timings[torch.float32]:.2f} s,"
+        f" bfloat16 {timings[torch.bfloat16]:.2f} s (bfloat16 is "
+        f"{timings[torch.float32] / timings[torch.bfloat16]:.2f}x float32's speed); "
+        f"fast bfloat16 on this CPU: {cpu_has_fast_bfloat16()}"
+    )
 
 
 def main() -> None:
@@ -187,20 +222,30 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-          f"threads, torch {torch.__version__}, device {device}, autocast "
-          f"{resolve_precision('auto', device)}")  # fmt: skip
-    print(f"batch {args.batch}, PGD-{args.pgd_steps} eps {args.epsilon:.4f}, "
-          f"{args.images} images per Bulwark epoch, {args.art_images} per ART epoch\n")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} "
+        f"threads, torch {torch.__version__}, device {device}, autocast "
+        f"{resolve_precision('auto', device)}"
+    )
+    print(
+        f"batch {args.batch}, PGD-{args.pgd_steps} eps {args.epsilon:.4f}, "
+        f"{args.images} images per Bulwark epoch, {args.art_images} per ART epoch\n"
+    )
     data = cifar_shaped(args.images // 10)
     print(f"{'arch':<10}{'trainer':<26}{'images/s':>10}{'vs ART':>9}")
     for arch in args.archs.split(","):
         art = None if args.skip_art else art_images_per_second(data, arch, args)
-        rows = [(f"bulwark {d}", bulwark_images_per_second(data, arch, d, args))
-                for d in args.defenses.split(",")]  # fmt: skip
+        rows = [
+            (f"bulwark {d}", bulwark_images_per_second(data, arch, d, args))
+            for d in args.defenses.split(",")
+        ]
         if "at" in args.defenses.split(","):
-            rows.append(("bulwark at (no feature)",
-                         bulwark_images_per_second(data, arch, "at", args, feature_term=False)))
+            rows.append(
+                (
+                    "bulwark at (no feature)",
+                    bulwark_images_per_second(data, arch, "at", args, feature_term=False),
+                )
+            )
         if art is not None:
             rows.append(("ART MadryPGD", art))
         for name, rate in rows:
