@@ -38,7 +38,10 @@ class PolytopeSettings(AttackSettings):
 
 class ConvexPolytopeSettings(PolytopeSettings):
     coefficient_steps: int = Field(
-        10, ge=1, le=10_000, description="projected-gradient steps on the coefficients per iteration"
+        10,
+        ge=1,
+        le=10_000,
+        description="projected-gradient steps on the coefficients per iteration",
     )
 
 

@@ -21,7 +21,9 @@ DEFENSES: Catalog[DefenseSpec] = Catalog(
         DefenseSpec("none", "cross-entropy", adversarial=False, prototype=False),
         DefenseSpec("pcl", "(1-alpha) CE + alpha L_PC (Eq. 6)", adversarial=False, prototype=True),
         DefenseSpec(
-            "at", "PGD AT with the feature-distance term (Eq. 7)", adversarial=True,
+            "at",
+            "PGD AT with the feature-distance term (Eq. 7)",
+            adversarial=True,
             prototype=False,
         ),
         DefenseSpec("at-pcl", "AT joint with L_PC (Eq. 8)", adversarial=True, prototype=True),

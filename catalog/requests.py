@@ -27,9 +27,20 @@ RESERVED_PRETRAIN_OVERRIDES = frozenset(
     {"dataset", "data_dir", "device", "arch", "defense", "recipe", "seed", "epochs"}
 )
 RESERVED_AUDIT_OVERRIDES = frozenset(
-    {"model", "dataset", "data_dir", "device", "attacks", "attack_settings", "pairs",
-     "targets_per_pair", "iterations", "delta", "seed"}
-)  # fmt: skip
+    {
+        "model",
+        "dataset",
+        "data_dir",
+        "device",
+        "attacks",
+        "attack_settings",
+        "pairs",
+        "targets_per_pair",
+        "iterations",
+        "delta",
+        "seed",
+    }
+)
 
 
 def _no_reserved(overrides: dict[str, Any], reserved: frozenset[str]) -> dict[str, Any]:
@@ -126,7 +137,9 @@ class AuditRequest(BaseModel):
     def attack_poisons(self) -> int:
         """The most poisons any chosen attack uses per instance (at its defaults)."""
         return max(
-            int(self.attack_settings.get(name, {}).get("poisons", ATTACKS.get(name).default_poisons))
+            int(
+                self.attack_settings.get(name, {}).get("poisons", ATTACKS.get(name).default_poisons)
+            )
             for name in self.attacks
         )
 
