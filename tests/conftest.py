@@ -7,7 +7,7 @@ Tiers (markers in pyproject.toml): ``make test-fast`` runs ``-m "not slow and no
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,13 +15,26 @@ import torch
 
 from core.checkpoint import LoadedExtractor, load_extractor
 
-# Half the cores this process may use, at least one: on the 2-core test machine one thread,
-# since pytest shares the cores with worker processes and the other tests' subprocesses, and
-# two spinning OpenMP threads on a busy core make the small convs here several times slower.
-# BULWARK_TEST_THREADS overrides it (to measure, or on a bigger machine).
-torch.set_num_threads(
-    int(os.environ.get("BULWARK_TEST_THREADS", max(1, len(os.sched_getaffinity(0)) // 2)))
-)
+# The torch thread budget, set here and nowhere else. By default half the cores this process
+# may use, at least one: on the 2-core test machine one thread, since pytest shares the cores
+# with worker processes and the other tests' subprocesses, and two spinning OpenMP threads on
+# a busy core make the small convs here several times slower. Modules marked slow (real
+# pre-training and audits on Fashion-MNIST, nothing else running) get every core: measured on
+# the 2-core AMD EPYC, tests/test_attack_strength.py took 8m20s on one thread, 4m20s on two.
+# BULWARK_TEST_THREADS overrides the default (to measure, or on a bigger machine).
+ALL_THREADS = len(os.sched_getaffinity(0))
+DEFAULT_THREADS = int(os.environ.get("BULWARK_TEST_THREADS", max(1, ALL_THREADS // 2)))
+torch.set_num_threads(DEFAULT_THREADS)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _slow_modules_use_every_core(request: pytest.FixtureRequest) -> Iterator[None]:
+    marks = getattr(request.module, "pytestmark", [])
+    slow = any(mark.name == "slow" for mark in (marks if isinstance(marks, list) else [marks]))
+    torch.set_num_threads(ALL_THREADS if slow else DEFAULT_THREADS)
+    yield
+    torch.set_num_threads(DEFAULT_THREADS)
+
 
 # Tests that start real worker or server processes: the tests/service end-to-end tier.
 E2E_FIXTURES = frozenset({"start_worker"})

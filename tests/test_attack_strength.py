@@ -22,7 +22,7 @@ from core.config import AuditConfig, pretrain_config
 from core.datasets import load_dataset
 from core.train import pretrain
 
-pytestmark = pytest.mark.slow  # two pre-trainings and two audits: about 2.5 minutes
+pytestmark = pytest.mark.slow  # two pre-trainings and two audits: about 4 minutes on 2 cores
 
 SPLIT = SplitConfig(pretrain=1000, retrain=50, pool=150)
 SIMILAR_PAIRS = ((6, 0), (0, 6), (2, 4), (4, 2))  # (target, poison): shirt/T-shirt, pullover/coat
