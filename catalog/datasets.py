@@ -18,16 +18,24 @@ class SplitConfig(BaseModel):
 
     In class order, the first ``pretrain`` images of each class pre-train; of the rest, the
     next ``retrain`` form the clean re-training set and the next ``pool`` the base-image pool.
+    ``pretrain`` may be 0: an audit of a model trained elsewhere needs only re-training
+    images, a base pool and test targets (pre-training refuses such a split).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    pretrain: int = Field(4800, ge=1, le=10_000_000, description="pre-training images per class")
+    pretrain: int = Field(
+        4800, ge=0, le=10_000_000, description="pre-training images per class (0: audit only)"
+    )
     retrain: int = Field(50, ge=1, le=10_000_000, description="clean re-training images per class")
     pool: int = Field(150, ge=1, le=10_000_000, description="base-pool images per class")
 
 
 PAPER_SPLIT = SplitConfig()
+# Tenant datasets vary in size and audit models trained elsewhere: no pre-training images, and
+# small re-training and pool counts that most datasets have. An audit request's
+# ``overrides.split`` (the CLI's ``--split``) sets other counts.
+TENANT_SPLIT = SplitConfig(pretrain=0, retrain=10, pool=25)
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,9 @@ class DatasetSpec:
     default_dir: str | None = None  # where the files are when no data_dir is given
     needs_files: bool = True  # False: bundled with a Python package
     flip: bool = True  # whether a horizontal flip keeps the label (augmentation)
+    # The dataset is one file with this suffix (".npz"): its data_dir is that file's path,
+    # not a folder. None: data_dir is a folder.
+    data_file: str | None = None
 
 
 FASHION_MNIST_CLASSES = (
@@ -133,6 +144,19 @@ DATASETS: Catalog[DatasetSpec] = Catalog(
             num_classes=None,
             channels=None,
             size=None,
+        ),
+        # A tenant's dataset (the worker stores every upload as such a file) or a local one.
+        # No flip: whether a mirror image keeps its label is unknown for arbitrary data.
+        DatasetSpec(
+            name="npz",
+            title="a numpy .npz: uint8 x_train, x_test; integer y_train, y_test; opt. classes",
+            reader="npz",
+            num_classes=None,
+            channels=None,
+            size=None,
+            default_split=TENANT_SPLIT,
+            flip=False,
+            data_file=".npz",
         ),
     ],
 )

@@ -100,6 +100,17 @@ class PretrainConfig(BaseModel):
         return self.split or DATASETS.get(self.dataset).default_split
 
     @model_validator(mode="after")
+    def _check_split(self) -> Self:
+        """Pre-training needs images to train on; an audit-only split (pretrain 0) has none."""
+        if self.dataset in DATASETS and self.resolved_split.pretrain < 1:
+            default = "" if self.split else f" (the default split of dataset {self.dataset!r})"
+            raise ValueError(
+                f"split has split.pretrain=0{default}, but pre-training needs split.pretrain "
+                ">= 1 images per class: give a split with pre-training images"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_schedule(self) -> Self:
         check_milestones("milestones", self.milestones, self.epochs)
         if self.uses_pcl and self.warmup_epochs >= self.epochs:

@@ -61,7 +61,9 @@ def split_dataset(labels: torch.Tensor, counts: SplitConfig) -> Split:
 
     For each class, in dataset order: the first ``counts.pretrain`` images pre-train, the
     next ``counts.retrain`` are the clean re-training set, the next ``counts.pool`` the base
-    pool. Deterministic: no seed is involved.
+    pool (``counts.pretrain`` 0: an audit-only split, re-training and pool from the start).
+    Deterministic: no seed is involved. A class with too few images raises
+    :class:`DatasetError` naming the class, its count and the split's fields.
     """
     parts: dict[str, list[torch.Tensor]] = {"pretrain": [], "retrain": [], "pool": []}
     need = counts.pretrain + counts.retrain + counts.pool

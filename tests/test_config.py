@@ -191,10 +191,25 @@ def test_epsilon_above_one_mentions_epsilon_and_one() -> None:
     assert "epsilon" in message and "1" in message.split("epsilon", 1)[1]
 
 
-def test_split_counts_must_be_positive() -> None:
-    with pytest.raises(ValidationError) as info:
-        SplitConfig(pretrain=0)
-    assert "pretrain" in str(info.value) and "greater than or equal to 1" in str(info.value)
+def test_split_counts_must_be_positive_but_pretrain_may_be_zero() -> None:
+    for field in ("retrain", "pool"):
+        with pytest.raises(ValidationError) as info:
+            SplitConfig(**{field: 0})
+        assert field in str(info.value) and "greater than or equal to 1" in str(info.value)
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        SplitConfig(pretrain=-1)
+    assert SplitConfig(pretrain=0).pretrain == 0  # an audit-only split
+
+
+def test_pretraining_names_split_pretrain_when_it_is_zero() -> None:
+    from catalog.requests import PretrainRequest
+    from common.specs import SpecError, resolve_pretrain
+
+    split = {"pretrain": 0, "retrain": 10, "pool": 25}
+    with pytest.raises(SpecError) as info:
+        resolve_pretrain(PretrainRequest(dataset="digits", overrides={"split": split}))
+    [error] = info.value.errors
+    assert error["loc"] == ("overrides", "split") and "split.pretrain=0" in error["msg"]
 
 
 @pytest.mark.parametrize(

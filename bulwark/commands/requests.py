@@ -17,14 +17,22 @@ from catalog import DATASETS
 
 
 def dataset_argument(text: str) -> tuple[str, str | None]:
-    """``--dataset``: a catalog name, or the path of an image folder (name, data_dir)."""
+    """``--dataset``: a catalog name, or a path (name, data_dir).
+
+    A folder is an image folder; a file is read by the catalog entry whose ``data_file``
+    suffix it has (``data.npz`` -> ``npz``, with the file as its data_dir).
+    """
     if text in DATASETS:
         return text, None
-    if Path(text).is_dir():
+    path = Path(text)
+    if path.is_dir():
         return "image-folder", text
+    files = {spec.data_file: spec.name for spec in DATASETS.entries() if spec.data_file}
+    if path.is_file() and path.suffix.lower() in files:
+        return files[path.suffix.lower()], text
     raise argparse.ArgumentTypeError(
         f"{DATASETS.unknown_message(text)}; or give the path of an image folder with train/ "
-        "and test/ sub-folders"
+        f"and test/ sub-folders, or of a {' or '.join(sorted(files))} file"
     )
 
 

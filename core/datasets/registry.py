@@ -44,6 +44,17 @@ def need_dir(spec: DatasetSpec, root: Path | None) -> Path:
     return root
 
 
+def need_file(spec: DatasetSpec, path: Path | None) -> Path:
+    """``path`` if it is a file: for an entry whose data is one file (``spec.data_file``)."""
+    if path is None:
+        raise DatasetError(
+            f"dataset {spec.name!r} needs --data-dir: the path of its {spec.data_file} file"
+        )
+    if not path.is_file():
+        raise DatasetError(f"data_dir {str(path)!r} for {spec.name!r} is not a file")
+    return path
+
+
 def class_names_for(spec: DatasetSpec, labels: torch.Tensor) -> tuple[str, ...]:
     """The entry's class names, or the label numbers "0".."K-1" for an entry without them.
 
