@@ -404,6 +404,22 @@ def test_image_folder_whose_first_image_is_corrupt_raises_dataset_error(tmp_path
         load_dataset("image-folder", str(root))
 
 
+def test_image_folder_skips_hidden_files_and_refuses_decompression_bombs(tmp_path: Path) -> None:
+    root = tmp_path / "pets"
+    _write_image_folder(root, "RGB")
+    (root / "train" / "cat" / "._000.png").write_bytes(b"a macOS resource fork")
+    assert load_dataset("image-folder", str(root)).train_x.shape[0] == 5
+    # A 1 x 1 PNG whose header claims far more pixels than Pillow's limit allows.
+    Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(root / "test" / "dog" / "000.png")
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        Image.MAX_IMAGE_PIXELS = 0  # every image is then "too large" by a factor of 2
+        with pytest.raises(DatasetError, match="decompression bomb"):
+            load_dataset("image-folder", str(root))
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 def test_image_folder_without_test_split_raises_dataset_error(tmp_path: Path) -> None:
     root = tmp_path / "pets"
     _write_image_folder(root, "RGB")

@@ -21,10 +21,18 @@ def find_file(root: Path, stem: str) -> Path:
 
 
 def images_in(folder: Path) -> list[Path]:
-    """The image files directly in ``folder``, sorted by name so the order is reproducible."""
+    """The image files directly in ``folder``, sorted by name so the order is reproducible.
+
+    Hidden files are skipped: macOS archives carry a ``._name.png`` resource fork beside every
+    image, which is not an image.
+    """
     if not folder.is_dir():
         raise DatasetError(f"missing image folder {folder}")
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
 
 
 def stack_images(paths: list[Path], mode: str, where: Path) -> torch.Tensor:
@@ -46,6 +54,8 @@ def _read_image(path: Path, mode: str) -> np.ndarray:
     try:
         with Image.open(path) as image:
             array = np.asarray(image.convert(mode), dtype=np.uint8)
-    except OSError as error:  # missing, truncated or not an image (PIL's errors are OSErrors)
+    # Missing, truncated or not an image (OSError), or a header claiming more pixels than
+    # Pillow's decompression-bomb limit (an Exception of its own).
+    except (OSError, Image.DecompressionBombError) as error:
         raise DatasetError(f"cannot read image {path}: {error}") from error
     return array[:, :, None] if array.ndim == 2 else array

@@ -56,10 +56,10 @@ def read_image_folder(spec: DatasetSpec, root: Path | None) -> ImageDataset:
 
 def _image_mode(sample: Path) -> str:
     """The Pillow mode for the whole set: greyscale ("L") if the first image is, else RGB."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(sample) as image:
             return "L" if image.mode in ("L", "1", "I", "I;16") else "RGB"
-    except (OSError, UnidentifiedImageError) as error:  # a corrupt or non-image first file
+    except (OSError, Image.DecompressionBombError) as error:  # corrupt, not an image, a bomb
         raise DatasetError(f"{sample} is not a readable image: {error}") from None
