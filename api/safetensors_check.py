@@ -4,7 +4,9 @@ A safetensors file is an 8-byte little-endian header length N, a JSON header of 
 (``{"name": {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}, ...}`` plus an
 optional ``"__metadata__"`` of strings), then the tensor bytes. We check that every tensor's
 byte range matches its dtype and shape, and that the ranges tile the data exactly: nothing
-overlaps, nothing is missing, nothing trails.
+overlaps, nothing is missing, nothing trails. ``infer_model_facts`` then checks every tensor's
+name, shape and dtype against the architecture's state dict (``catalog.archs``), so a file
+that passes would load on a worker.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from catalog import ARCHS, recognize_arch
-from catalog.archs import HEAD_WEIGHT, STEM_WEIGHT
+from catalog.archs import (
+    HEAD_WEIGHT,
+    NORMALIZE_BUFFERS,
+    STEM_WEIGHT,
+    DtypeKind,
+    TensorFacts,
+    compare_tensors,
+    foreign_weights_message,
+)
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
 DTYPE_BYTES = {
@@ -36,13 +46,24 @@ PICKLE_OR_ZIP = (b"PK\x03\x04", b"\x80")  # torch.save's zip archive; a bare pic
 
 
 class SafetensorsError(ValueError):
-    """Not a valid safetensors file; the message says what is wrong."""
+    """Not a valid safetensors file, or not one Bulwark can load; the message says what is
+    wrong. ``problems`` lists each problem on its own (one line per kind of tensor mismatch)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = problems or [message]
 
 
 @dataclass(frozen=True)
 class TensorInfo:
     dtype: str
     shape: tuple[int, ...]
+
+    @property
+    def kind(self) -> DtypeKind:
+        if self.dtype.startswith(("F", "BF")):
+            return "floating"
+        return "integer" if self.dtype.startswith(("I", "U")) else "other"
 
 
 def looks_like_pickle(head: bytes) -> bool:
@@ -127,24 +148,36 @@ def _natural(value: Any) -> bool:
 
 
 def infer_model_facts(tensors: dict[str, TensorInfo]) -> dict[str, Any]:
-    """Arch, input channels, classes and feature size of a Bulwark model, from its tensor
-    names (``catalog.recognize_arch``, the rule ``core.checkpoint.infer_facts`` uses too) and
-    shapes."""
+    """Arch, input channels, classes and feature size of a Bulwark model, with every tensor
+    checked against that architecture's state dict.
+
+    The arch follows from the tensor names (``catalog.recognize_arch``, the rule
+    ``core.checkpoint.infer_facts`` uses too), the input channels and classes from the stem's
+    and the head's shapes; then every name, shape and dtype must be those of
+    ``ArchSpec.expected_tensors(in_channels, num_classes)`` (the normalization buffers may be
+    absent, both together), so an upload that passes here loads on a worker. Every mismatch
+    is reported at once: one problem per kind, the first few names of each and their count.
+    """
     stem, head = tensors.get(STEM_WEIGHT), tensors.get(HEAD_WEIGHT)
-    if stem is None or head is None or len(stem.shape) != 4 or len(head.shape) != 2:
-        raise SafetensorsError(
-            f"not a Bulwark model: expected a 4-D {STEM_WEIGHT} and a 2-D {HEAD_WEIGHT} "
-            "(state dict of core.models.FeatureClassifier)"
-        )
     arch = recognize_arch(tensors.keys())
-    if arch is None:
-        raise SafetensorsError(
-            f"the tensor names match none of the architectures {', '.join(ARCHS)}"
+    if arch is None or stem is None or head is None or len(stem.shape) != 4 or len(head.shape) != 2:
+        raise SafetensorsError(foreign_weights_message(tensors.keys()))
+    in_channels, num_classes = stem.shape[1], head.shape[0]
+    spec = ARCHS.get(arch)
+    mismatch = compare_tensors(
+        spec.expected_tensors(in_channels, num_classes),
+        {name: TensorFacts(t.shape, t.dtype, t.kind) for name, t in tensors.items()},
+    )
+    if not mismatch.fits:
+        context = (
+            f"the weights do not fit {arch} ({in_channels} input channels, {num_classes} classes)"
         )
+        problems = [f"{context}: {problem}" for problem in mismatch.problems()]
+        raise SafetensorsError("; ".join(problems), problems)
     return {
         "arch": arch,
-        "in_channels": stem.shape[1],
-        "num_classes": head.shape[0],
-        "feature_dim": head.shape[1],
-        "has_normalization": "normalize.mean" in tensors and "normalize.std" in tensors,
+        "in_channels": in_channels,
+        "num_classes": num_classes,
+        "feature_dim": spec.feature_dim,
+        "has_normalization": all(name in tensors for name in NORMALIZE_BUFFERS),
     }
