@@ -125,3 +125,18 @@ def import_upload_key(job_id: uuid.UUID | str) -> str:
 
 def model_manifest_key(model_id: uuid.UUID | str) -> str:
     return f"models/{model_id}/manifest.json"
+
+
+def model_program_key(model_id: uuid.UUID | str) -> str:
+    """A stored ``torch.export`` program (``core.exported``), kept exactly as uploaded."""
+    return f"models/{model_id}/model.pt2"
+
+
+def dataset_upload_key(dataset_id: uuid.UUID | str) -> str:
+    """Where a tenant's dataset upload waits for the dataset job that reads it."""
+    return f"datasets/{dataset_id}/upload"
+
+
+def dataset_data_key(dataset_id: uuid.UUID | str) -> str:
+    """A ready tenant dataset: the canonical npz its dataset job wrote."""
+    return f"datasets/{dataset_id}/data.npz"

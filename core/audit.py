@@ -431,14 +431,26 @@ def screen_stage(inputs: AuditInputs) -> ScreenFacts | None:
     if not config.screen_images:
         return None
     count = min(config.screen_images, len(data.test_y))
-    measured = screen(
-        inputs.model,
-        to_float(data.test_x[:count].to(device)),
-        data.test_y[:count].to(device),
-        delta=config.delta,
-        steps=config.screen_steps,
-        seed=config.seed,
-    )
+    model, own_head = inputs.model, inputs.model.head
+    if model.num_classes < data.num_classes:
+        # A head that cannot score the dataset's labels (a feature-only exported model has
+        # none): PGD's cross-entropy term uses the fresh head the re-training starts from.
+        weight, bias = fresh_head(data.num_classes, model.feature_dim, config.seed, device)
+        model.head = torch.nn.Linear(model.feature_dim, data.num_classes, device=device)
+        with torch.no_grad():
+            model.head.weight.copy_(weight)
+            model.head.bias.copy_(bias)
+    try:
+        measured = screen(
+            model,
+            to_float(data.test_x[:count].to(device)),
+            data.test_y[:count].to(device),
+            delta=config.delta,
+            steps=config.screen_steps,
+            seed=config.seed,
+        )
+    finally:
+        model.head = own_head
     return ScreenFacts(
         **measured.as_dict(), images=count, pgd_steps=config.screen_steps, delta=config.delta
     )

@@ -20,12 +20,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from catalog import ARCHS, recognize_arch
-from catalog.archs import HEAD_WEIGHT, STEM_WEIGHT
+from catalog.archs import (
+    HEAD_WEIGHT,
+    STEM_WEIGHT,
+    DtypeKind,
+    TensorFacts,
+    TensorMismatch,
+    compare_tensors,
+    foreign_weights_message,
+)
 from core.errors import BulwarkError, ErrorKind
 from core.models import FeatureClassifier, build_model
 
 MANIFEST_FORMAT = "bulwark-extractor/1"
 WEIGHTS_NAME = "model.safetensors"
+EXPORTED_NAME = "model.pt2"  # a torch.export program (core.exported), stored as uploaded
 MANIFEST_NAME = "manifest.json"
 
 
@@ -132,23 +141,10 @@ def infer_facts(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     The architecture follows from the tensor names alone by ``catalog.recognize_arch``, the
     rule the API applies to an uploaded safetensors header.
     """
-    try:
-        stem = state[STEM_WEIGHT]
-        head = state[HEAD_WEIGHT]
-    except KeyError as missing:
-        raise CheckpointError(
-            f"weights lack {missing}: not a Bulwark model (expected body.*, head.*, normalize.*)"
-        ) from None
-    if stem.ndim != 4 or head.ndim != 2:
-        raise CheckpointError(
-            f"{STEM_WEIGHT} {tuple(stem.shape)} and {HEAD_WEIGHT} {tuple(head.shape)} are not a "
-            "conv kernel and a linear weight: not a Bulwark model"
-        )
+    stem, head = state.get(STEM_WEIGHT), state.get(HEAD_WEIGHT)
     arch = recognize_arch(state.keys())
-    if arch is None:
-        raise CheckpointError(
-            f"the tensor names match none of the architectures {', '.join(ARCHS)}"
-        )
+    if arch is None or stem is None or head is None or stem.ndim != 4 or head.ndim != 2:
+        raise CheckpointError(foreign_weights_message(state.keys()))
     facts: dict[str, Any] = {
         "arch": arch,
         "in_channels": int(stem.shape[1]),
@@ -163,6 +159,13 @@ def infer_facts(state: dict[str, torch.Tensor]) -> dict[str, Any]:
     return facts
 
 
+def _tensor_facts(tensor: torch.Tensor) -> TensorFacts:
+    kind: DtypeKind = "floating" if tensor.is_floating_point() else "integer"
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        kind = "other"
+    return TensorFacts(tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), kind)
+
+
 def load_extractor(path: str | Path, manifest: dict[str, Any] | None = None) -> LoadedExtractor:
     """Rebuild a model from a checkpoint folder, a safetensors file or a weights-only torch file.
 
@@ -170,8 +173,15 @@ def load_extractor(path: str | Path, manifest: dict[str, Any] | None = None) -> 
     the weights' sha256 is checked against it). A file is read alone; ``manifest`` may supply
     the facts that the weights cannot (class names, input size). The model is returned in
     eval mode on the CPU.
+
+    A folder holding ``model.pt2``, or a ``.pt2`` file, is a ``torch.export`` program: it is
+    checked and loaded by :func:`core.exported.load_exported_checkpoint`, never unpickled.
     """
     path = Path(path)
+    if path.suffix == ".pt2" or (path.is_dir() and (path / EXPORTED_NAME).is_file()):
+        from core.exported import load_exported_checkpoint  # it imports this module
+
+        return load_exported_checkpoint(path, manifest)
     if path.is_dir():
         weights = path / WEIGHTS_NAME
         if manifest is None and (path / MANIFEST_NAME).is_file():
@@ -193,6 +203,18 @@ def load_extractor(path: str | Path, manifest: dict[str, Any] | None = None) -> 
             raise CheckpointError(
                 f"manifest says {key}={merged[key]!r}, weights say {facts[key]!r}"
             )
+    # The rule the API applies to a safetensors header, worded the same way; torch's own
+    # refusal below stays as the last word on what loads.
+    mismatch = compare_tensors(
+        ARCHS.get(facts["arch"]).expected_tensors(facts["in_channels"], facts["num_classes"]),
+        {name: _tensor_facts(tensor) for name, tensor in state.items()},
+    )
+    context = (
+        f"weights do not fit {facts['arch']} ({facts['in_channels']} input channels, "
+        f"{facts['num_classes']} classes)"
+    )
+    if not mismatch.fits:
+        raise CheckpointError(f"{context}: {'; '.join(mismatch.problems())}")
     norm = merged.get("normalization") or {}
     model = build_model(
         facts["arch"],
@@ -204,12 +226,11 @@ def load_extractor(path: str | Path, manifest: dict[str, Any] | None = None) -> 
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # tensor shapes that do not fit the architecture
-        raise CheckpointError(f"weights do not fit {facts['arch']}: {error}") from error
-    missing = [k for k in result.missing_keys if not k.startswith("normalize.")]
-    if missing or result.unexpected_keys:
-        raise CheckpointError(
-            f"weights do not fit {facts['arch']}: missing {missing[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
-        )
+        raise CheckpointError(f"{context}: {error}") from error
+    missing = tuple(k for k in result.missing_keys if not k.startswith("normalize."))
+    unexpected = tuple(result.unexpected_keys)
+    if missing or unexpected:
+        left = TensorMismatch(missing=missing, unexpected=unexpected)
+        raise CheckpointError(f"{context}: {'; '.join(left.problems())}")
     model.eval()
     return LoadedExtractor(model=model, manifest=merged)

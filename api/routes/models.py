@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import PurePosixPath
 from typing import Annotated
 from urllib.parse import quote
 
@@ -27,15 +28,20 @@ UPLOAD_FORM = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
-                    "required": ["file", "arch", "input_shape"],
+                    "required": ["file", "input_shape"],
                     "properties": {
                         "file": {
                             "type": "string",
                             "format": "binary",
-                            "description": "model.safetensors, or a torch.save state dict "
-                            "(converted by a worker)",
+                            "description": "model.safetensors, a torch.save state dict "
+                            "(converted by a worker), or a torch.export.save program (.pt2, "
+                            "any architecture, checked by a worker and kept as uploaded)",
                         },
-                        "arch": {"type": "string", "enum": list(ARCHS.names())},
+                        "arch": {
+                            "type": "string",
+                            "enum": list(ARCHS.names()),
+                            "description": "required for safetensors and torch.save state dicts",
+                        },
                         "input_shape": {"type": "string", "example": "3,32,32"},
                         "name": {"type": "string"},
                         "classes": {
@@ -45,6 +51,14 @@ UPLOAD_FORM = {
                         },
                         "mean": {"type": "string", "example": "0.49,0.48,0.45"},
                         "std": {"type": "string", "example": "0.25,0.24,0.26"},
+                        "output": {
+                            "type": "string",
+                            "enum": ["logits", "features"],
+                            "description": "what a .pt2 program or an .onnx graph (where "
+                            "the deployment enables ONNX) outputs: features, the default (no "
+                            "head: audits re-train one), or logits (its final linear layer is "
+                            "the head)",
+                        },
                     },
                 }
             }
@@ -69,7 +83,8 @@ async def upload_model(
     A safetensors file is checked without torch and answers 201 with the model. A
     ``torch.save`` state dict answers 202 with an import job: a worker reads it with
     ``torch.load(weights_only=True)`` and stores it as safetensors; the job's
-    ``result_model_id`` is the model once it succeeds.
+    ``result_model_id`` is the model once it succeeds. A ``torch.export`` program (``.pt2``)
+    answers 202 too: a worker checks it (nothing unpickled, an operator allowlist) and keeps it.
     """
     upload = await receive_upload(
         request,
@@ -128,8 +143,8 @@ def get_model(model_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -
 def download_weights(
     model_id: uuid.UUID, session: SessionDep, store: StoreDep, tenant: CurrentTenant
 ) -> StreamingResponse:
-    """The model's safetensors file, streamed from the artifact store; its sha256 is in the
-    ``X-Content-SHA256`` header."""
+    """The model's safetensors file (or ``.pt2`` program), streamed from the artifact store;
+    its sha256 is in the ``X-Content-SHA256`` header."""
     model = model_service.get_model(session=session, tenant=tenant, model_id=model_id)
     chunks, size = model_service.weights_stream(store=store, model=model)
     return StreamingResponse(
@@ -137,7 +152,9 @@ def download_weights(
         media_type="application/octet-stream",
         headers={
             "Content-Length": str(size),
-            "Content-Disposition": attachment(f"{model.name}.safetensors".replace("/", "_")),
+            "Content-Disposition": attachment(
+                f"{model.name}{PurePosixPath(model.weights_key).suffix}".replace("/", "_")
+            ),
             "X-Content-SHA256": model.sha256,
         },
     )

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import json
 import uuid
+import zipfile
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, Literal
 
 from celery import Celery
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.errors import InvalidFieldError, NotFoundError, UnsupportedUploadError
+from api.errors import (
+    InvalidFieldError,
+    NotFoundError,
+    UnsupportedUploadError,
+    UploadTooLargeError,
+)
+from api.onnx_check import SNIFF_BYTES, looks_like_onnx, named_onnx
 from api.safetensors_check import (
     SafetensorsError,
     infer_model_facts,
@@ -26,9 +34,15 @@ from common.artifacts import ArtifactStore, import_upload_key, model_weights_key
 from common.models import Job, ModelSource, Report, StoredModel, Tenant
 from common.settings import Settings
 from common.specs import ImportJobSpec
+from core.archives import ArchiveError, ArchiveLimits, inspect_archive
 from core.report import read_report, render_asr_table
 
 TORCH_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive holding data.pkl
+ONNX_UNSUPPORTED = (
+    "ONNX uploads are not imported by this service yet; export the model with torch.export "
+    "and upload the .pt2, or upload its weights as safetensors if it is one of Bulwark's "
+    "architectures"
+)
 CONVERT_HINT = (
     'convert it where you trust the file: python -c "import torch, safetensors.torch as st; '
     "st.save_file(torch.load('model.pt', weights_only=True), 'model.safetensors')\""
@@ -56,18 +70,34 @@ def register_upload(
 ) -> StoredModel | Job:
     """Check the uploaded weights and metadata, publish the file, write the row.
 
-    A safetensors file is checked here, without torch, and becomes a model at once. A torch
-    ``torch.save`` file (a zip holding a pickle) is never read here: it is stored as it is and
+    A safetensors file is checked here, without torch (every tensor's name, shape and dtype
+    against the architecture, so a 201 means the model loads), and becomes a model at once. A
+    torch ``torch.save`` file (a zip holding a pickle) is never read here: it is stored as it is and
     an import job converts it on a worker, which reads it with ``torch.load(weights_only=True)``
-    and checks it against the form; the job is returned. A bare pickle is refused. Nothing is
-    kept for a rejected upload.
+    and checks it against the form; the job is returned. An ``.onnx`` file (by name, and by its
+    first bytes: ``api.onnx_check``) answers 415 pointing to torch.export. A
+    ``torch.export.save`` archive (``.pt2``: a zip told from torch.save's by its member names,
+    read from its central directory only) is queued as an import job whose worker checks the
+    program (``core.exported``) and keeps it untouched. A
+    bare pickle is refused. Nothing is kept for a rejected upload.
     """
     staged = upload.staged
     try:
         if staged is None or upload.size == 0:
             raise InvalidFieldError.at(("body", "file"), "a non-empty safetensors file is required")
         with staged.open("rb") as handle:
-            head = handle.read(8)
+            head = handle.read(SNIFF_BYTES)
+        if named_onnx(upload.filename):
+            if not looks_like_onnx(head, upload.size):
+                raise InvalidFieldError.at(
+                    ("body", "file"),
+                    "the file is named .onnx but is not an ONNX model (a protobuf ModelProto "
+                    "starting with its ir_version)",
+                )
+            # The core can convert ONNX where onnx2torch imports (core.onnx_import), but no
+            # worker stores and audits a converted graph yet: refuse rather than queue a job
+            # that cannot succeed.
+            raise UnsupportedUploadError(ONNX_UNSUPPORTED)
         if head.startswith(TORCH_ZIP_MAGIC):
             return _queue_torch_import(
                 session=session,
@@ -76,6 +106,7 @@ def register_upload(
                 settings=settings,
                 tenant=tenant,
                 upload=upload,
+                format=_torch_zip_format(staged, settings),
             )
         if looks_like_pickle(head):
             raise UnsupportedUploadError(
@@ -85,8 +116,10 @@ def register_upload(
         try:
             tensors, _ = read_header(staged)
             facts = infer_model_facts(tensors)
-        except SafetensorsError as error:
-            raise InvalidFieldError.at(("body", "file"), str(error)) from None
+        except SafetensorsError as error:  # one 422, each problem on the file field
+            raise InvalidFieldError(
+                [{"loc": ("body", "file"), "msg": problem} for problem in error.problems]
+            ) from None
         manifest = _upload_manifest(upload.fields, facts)
         model = StoredModel(
             id=uuid.uuid4(),
@@ -125,10 +158,19 @@ def _queue_torch_import(
     settings: Settings,
     tenant: Tenant,
     upload: ReceivedUpload,
+    format: Literal["torch-state-dict", "export"] = "torch-state-dict",
 ) -> Job:
-    """Check the form (the file is checked by the worker), store the file, queue the job."""
+    """Check the form (the file is checked by the worker), store the file, queue the job.
+
+    A torch state dict names its ``arch``. A ``torch.export`` program and an ONNX graph have
+    none; their ``output`` is features (default: no head, every audit re-trains one) or logits
+    (the final linear layer is the head).
+    """
     fields = upload.fields
-    arch = _arch_field(fields)
+    arch = _arch_field(fields) if format == "torch-state-dict" else None
+    output: Literal["logits", "features"] = "logits"
+    if format == "export":
+        output = _output_field(fields, default="features")
     input_shape = _int_list(fields, "input_shape", required=True)
     if len(input_shape) != 3 or min(input_shape) < 1:
         raise InvalidFieldError.at(
@@ -147,11 +189,13 @@ def _queue_torch_import(
         filename=upload.filename,
         sha256=upload.sha256,
         name=fields.get("name") or None,
+        format=format,
         arch=arch,
         input_shape=input_shape,
         classes=classes,
         mean=normalization.get("mean"),
         std=normalization.get("std"),
+        output=output,
     )
     assert upload.staged is not None
     store.publish(spec.upload_key, upload.staged)
@@ -167,6 +211,52 @@ def _queue_torch_import(
     except BaseException:
         store.delete(spec.upload_key)
         raise
+
+
+# The member names that tell the two torch zips apart (torch.export.pt2_archive and
+# torch.serialization write them under one root folder).
+EXPORT_MARKERS = ("archive_format", "models/model.json")
+MAX_ZIP_MEMBERS = 4096
+
+
+def _torch_zip_format(staged: Path, settings: Settings) -> Literal["torch-state-dict", "export"]:
+    """Which torch zip the upload is, from its central directory alone (nothing inflated).
+
+    A ``torch.export.save`` archive holds ``<root>/archive_format`` and
+    ``<root>/models/model.json``; a ``torch.save`` file holds ``<root>/data.pkl``. A zip with
+    a name that could escape (absolute, ``..``), a link, more than ``MAX_ZIP_MEMBERS`` members
+    or a zip bomb member is refused (422), one declaring more inflated bytes than the upload
+    limit too (413), before anything is stored. A file the zip reader cannot parse is left to
+    the worker's ``torch.load(weights_only=True)``, which refuses it.
+    """
+    if not zipfile.is_zipfile(staged):
+        return "torch-state-dict"
+    limit = settings.max_upload_bytes
+    try:
+        # The declared total may pass the upload limit here: that answers 413 below.
+        listing = inspect_archive(
+            staged, ArchiveLimits(max_members=MAX_ZIP_MEMBERS, max_total_bytes=64 * limit)
+        )
+    except ArchiveError as error:
+        raise InvalidFieldError.at(
+            ("body", "file"), f"the zip archive is refused: {error}"
+        ) from None
+    if listing.total_bytes > limit:
+        raise UploadTooLargeError(
+            f"the zip's members declare {listing.total_bytes} bytes once inflated; the upload "
+            f"limit is {limit} bytes",
+            limit_bytes=limit,
+        )
+    names = {member.name.partition("/")[2] for member in listing.files}
+    if any(marker in names for marker in EXPORT_MARKERS):
+        return "export"
+    if "data.pkl" in names:
+        return "torch-state-dict"
+    raise InvalidFieldError.at(
+        ("body", "file"),
+        "a zip that is neither a torch.export.save archive (<root>/archive_format, "
+        "<root>/models/model.json) nor a torch.save file (<root>/data.pkl)",
+    )
 
 
 def _upload_manifest(fields: dict[str, str], facts: dict[str, Any]) -> dict[str, Any]:
@@ -211,6 +301,19 @@ def _upload_manifest(fields: dict[str, str], facts: dict[str, Any]) -> dict[str,
             ("body", "mean"), "the weights hold no normalize.mean/std: give mean and std"
         )
     return manifest
+
+
+def _output_field(
+    fields: dict[str, str], default: Literal["logits", "features"] = "logits"
+) -> Literal["logits", "features"]:
+    output = fields.get("output", "").strip() or default
+    if output not in ("logits", "features"):
+        raise InvalidFieldError.at(
+            ("body", "output"),
+            f"output must be logits (the graph ends in its linear head) or features, "
+            f"got {output!r}",
+        )
+    return "logits" if output == "logits" else "features"
 
 
 def _arch_field(fields: dict[str, str]) -> str:
@@ -330,7 +433,8 @@ def model_card(*, session: Session, model: StoredModel) -> str:
         f"- architecture: {model.arch} ({model.in_channels} input channels, "
         f"{model.feature_dim}-d features, {model.num_classes} classes)",
         f"- input shape: {manifest.get('input_shape')}",
-        f"- weights: `model.safetensors`, sha256 `{model.sha256}`, {model.size_bytes} bytes",
+        f"- weights: `{PurePosixPath(model.weights_key).name}`, sha256 `{model.sha256}`, "
+        f"{model.size_bytes} bytes",
     ]
     if manifest.get("classes"):
         lines.append(f"- classes: {', '.join(map(str, manifest['classes']))}")

@@ -4,14 +4,21 @@ Example (a quick audit of a checkpoint trained on Fashion-MNIST)::
 
     bulwark audit --model runs/fm-none --dataset fashion-mnist --pairs 0:7,2:1 \\
         --targets-per-pair 5 --iterations 200 --out runs/fm-none-audit.json
+
+A ``torch.export`` program (``--model extractor.pt2``) of any architecture is checked and
+loaded without unpickling anything (``core.exported``); ``--input-shape`` defaults to the
+dataset's image shape, ``--output logits`` splits off the program's final linear layer.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bulwark.commands.requests import (
     dataset_argument,
@@ -21,8 +28,11 @@ from bulwark.commands.requests import (
     set_values,
     split_argument,
 )
-from catalog import ATTACKS, DEFAULT_ATTACKS
+from catalog import ATTACKS, DATASETS, DEFAULT_ATTACKS
 from catalog.requests import PAPER_PAIRS, AuditRequest
+
+if TYPE_CHECKING:
+    from core.report import AuditReport
 
 
 def _pairs(text: str) -> list[tuple[int, int]]:
@@ -43,6 +53,17 @@ def _attacks(text: str) -> list[str]:
     return [name.strip().lower() for name in text.split(",") if name.strip()]
 
 
+def _input_shape(text: str) -> tuple[int, int, int]:
+    """``3,32,32`` -> (3, 32, 32)."""
+    try:
+        shape = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected C,H,W integers, got {text!r}") from None
+    if len(shape) != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive sizes C,H,W, got {text!r}")
+    return shape[0], shape[1], shape[2]
+
+
 def add_parser(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         name,
@@ -51,7 +72,21 @@ def add_parser(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentP
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     paper_pairs = ",".join(f"{t}:{p}" for t, p in PAPER_PAIRS)
-    parser.add_argument("--model", required=True, help="checkpoint folder or weights file")
+    parser.add_argument(
+        "--model", required=True, help="checkpoint folder, weights file or torch.export .pt2"
+    )
+    parser.add_argument(
+        "--input-shape",
+        type=_input_shape,
+        metavar="C,H,W",
+        help="a .pt2 model's image shape (default: the dataset's, else the program's own)",
+    )
+    parser.add_argument(
+        "--output",
+        choices=("features", "logits"),
+        default="features",
+        help="what a .pt2 model returns: f(x), or logits from a final linear layer",
+    )
     parser.add_argument(
         "--dataset", required=True, type=dataset_argument, help="dataset name or image-folder path"
     )
@@ -190,7 +225,13 @@ def run(args: argparse.Namespace) -> int:
             tqdm.write(f"[{100 * update.fraction:5.1f}%] {update.phase}: {update.message}")
 
     try:
-        report = run_audit(config, progress=show, poisons_dir=args.save_poisons)
+        with _model_folder(args) as model:
+            report = run_audit(
+                config.model_copy(update={"model": model}),
+                progress=show,
+                poisons_dir=args.save_poisons,
+            )
+        report = _named_model(report, str(args.model))
     except BulwarkError as error:
         print(f"bulwark audit: {error.user_message}", file=sys.stderr)
         return 2
@@ -202,3 +243,46 @@ def run(args: argparse.Namespace) -> int:
     print(f"total {report.timings['total']:.1f}s")
     print(f"report written to {args.out}")
     return 0
+
+
+@contextmanager
+def _model_folder(args: argparse.Namespace) -> Iterator[str]:
+    """The checkpoint the audit reads: ``--model`` itself, or for a ``.pt2`` program a
+    temporary folder holding it (checked, untouched) and its manifest."""
+    if Path(args.model).suffix != ".pt2":
+        if args.input_shape is not None or args.output != "features":
+            from core.errors import BulwarkError
+
+            raise BulwarkError("--input-shape and --output apply to a .pt2 model only")
+        yield str(args.model)
+        return
+    from core.exported import save_exported
+
+    name, _ = args.dataset
+    spec = DATASETS.get(name) if name in DATASETS else None
+    shape = args.input_shape
+    if shape is None and spec is not None and spec.channels and spec.size:
+        shape = (spec.channels, *spec.size)
+    with tempfile.TemporaryDirectory(prefix="bulwark-pt2-") as scratch:
+        folder = Path(scratch) / "model"
+        save_exported(
+            Path(args.model),
+            folder,
+            input_shape=shape,
+            output=args.output,
+            manifest={"source_file": str(args.model)},
+        )
+        yield str(folder)
+
+
+def _named_model(report: AuditReport, path: str) -> AuditReport:
+    """The report with ``path`` as the audited model (not the temporary folder it was read
+    from)."""
+    if report.model.path == path:
+        return report
+    return report.model_copy(
+        update={
+            "model": report.model.model_copy(update={"path": path}),
+            "config": {**report.config, "model": path},
+        }
+    )

@@ -272,3 +272,171 @@ def test_oversized_uploads_are_refused_leaving_nothing(
     )
     assert streamed.status_code == 413, streamed.text
     assert model_rows(clean_db) == 0 and stored_files(settings) == []
+
+
+# Every tensor is checked against the architecture: a 201 means the model loads for an audit.
+
+
+def _safetensors(state) -> bytes:  # type: ignore[no-untyped-def]
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in state.items()})
+
+
+def _bulwark_state(arch: str, in_channels: int = 3, num_classes: int = 10) -> dict:
+    from core.models import build_model
+
+    return dict(build_model(arch, in_channels=in_channels, num_classes=num_classes).state_dict())
+
+
+RESNET_FORM = {"arch": "resnet18", "input_shape": "3,32,32", "name": "r18"}
+
+
+def _refused_on_file(response, db, settings) -> list[str]:  # type: ignore[no-untyped-def]
+    """The messages of a 422 whose every problem names the file; nothing may be kept."""
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert all(error["loc"] == ["body", "file"] for error in detail), detail
+    assert model_rows(db) == 0 and stored_files(settings) == []
+    return [error["msg"] for error in detail]
+
+
+def test_a_resnet18_with_a_7x7_stem_is_refused_naming_the_tensor_and_its_shape(
+    client, make_tenant, clean_db, settings
+) -> None:
+    import torch
+
+    state = _bulwark_state("resnet18")
+    state["body.0.weight"] = torch.zeros(64, 3, 7, 7)
+    response = upload(client, make_tenant("a"), _safetensors(state), form=RESNET_FORM)
+    (message,) = _refused_on_file(response, clean_db, settings)
+    assert "do not fit resnet18 (3 input channels, 10 classes)" in message
+    assert "1 wrong shape: body.0.weight is (64, 3, 7, 7), expected (64, 3, 3, 3)" in message
+
+
+def test_a_convnet_missing_a_tensor_is_refused(client, make_tenant, clean_db, settings) -> None:
+    state = _bulwark_state("convnet", in_channels=1)
+    del state["body.14.weight"]
+    response = upload(client, make_tenant("a"), _safetensors(state))
+    (message,) = _refused_on_file(response, clean_db, settings)
+    assert "1 missing tensor: body.14.weight" in message
+
+
+def test_every_mismatch_is_listed_in_one_422(client, make_tenant, clean_db, settings) -> None:
+    import torch
+
+    state = _bulwark_state("convnet", in_channels=1)
+    for index in (7, 10, 14):  # a conv and its batch norm each: 18 missing tensors
+        for name in [n for n in state if n.startswith((f"body.{index}.", f"body.{index + 1}."))]:
+            del state[name]
+    state["head.bias"] = torch.zeros(11)
+    state["body.4.num_batches_tracked"] = torch.zeros((), dtype=torch.float32)
+    state["extra.weight"] = torch.zeros(3)
+    response = upload(client, make_tenant("a"), _safetensors(state))
+    shape, missing, unexpected, dtype = _refused_on_file(response, clean_db, settings)
+    assert "1 wrong shape: head.bias is (11,), expected (10,)" in shape
+    assert "18 missing tensors: body.7.weight; " in missing and "; and 13 more" in missing
+    assert "1 unexpected tensor: extra.weight" in unexpected
+    assert "body.4.num_batches_tracked is F32, expected integer" in dtype
+
+
+def _torchvision_resnet18_state() -> dict:
+    """torchvision.models.resnet18()'s state dict names and shapes (7x7 stem, max-pool,
+    ``layerN.M`` blocks, ``downsample``, ``fc``), written out: torchvision is not needed."""
+    import torch
+
+    state: dict = {}
+
+    def conv_bn(conv: str, bn: str, cin: int, cout: int, kernel: int) -> None:
+        state[f"{conv}.weight"] = torch.zeros(cout, cin, kernel, kernel)
+        for stat in ("weight", "bias", "running_mean", "running_var"):
+            state[f"{bn}.{stat}"] = torch.zeros(cout)
+        state[f"{bn}.num_batches_tracked"] = torch.zeros((), dtype=torch.int64)
+
+    conv_bn("conv1", "bn1", 3, 64, 7)
+    cin = 64
+    for layer, planes in enumerate((64, 128, 256, 512), start=1):
+        for block in (0, 1):
+            prefix = f"layer{layer}.{block}"
+            conv_bn(f"{prefix}.conv1", f"{prefix}.bn1", cin, planes, 3)
+            conv_bn(f"{prefix}.conv2", f"{prefix}.bn2", planes, planes, 3)
+            if block == 0 and layer > 1:
+                conv_bn(f"{prefix}.downsample.0", f"{prefix}.downsample.1", cin, planes, 1)
+            cin = planes
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
+    return state
+
+
+def test_a_torchvision_resnet18_is_refused_pointing_to_torch_export(
+    client, make_tenant, clean_db, settings
+) -> None:
+    data = _safetensors(_torchvision_resnet18_state())
+    response = upload(client, make_tenant("a"), data, form=RESNET_FORM)
+    (message,) = _refused_on_file(response, clean_db, settings)
+    assert "not one of Bulwark's architectures" in message and "conv1.weight" in message
+    assert "export it with torch.export and upload the .pt2" in message
+
+
+def test_a_resnet18_without_normalization_loads_with_the_forms_mean_and_std(
+    client, make_tenant, clean_db, settings
+) -> None:
+    """The normalization buffers are the one pair that may be absent (the form gives them)."""
+    from core.checkpoint import load_extractor
+
+    state = _bulwark_state("resnet18", num_classes=4)
+    del state["normalize.mean"], state["normalize.std"]
+    tenant = make_tenant("a")
+    refused = upload(client, tenant, _safetensors(state), form=RESNET_FORM)
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "mean"]
+    form = {**RESNET_FORM, "mean": "0.4,0.5,0.6", "std": "0.2,0.2,0.2"}
+    response = upload(client, tenant, _safetensors(state), form=form)
+    assert response.status_code == 201, response.text
+    model = response.json()
+    assert (model["arch"], model["num_classes"], model["feature_dim"]) == ("resnet18", 4, 512)
+    weights = client.get(model["weights_url"], headers=tenant.headers)
+    path = settings.data_dir / "r18.safetensors"
+    path.write_bytes(weights.content)
+    manifest = {"normalization": model["manifest"]["normalization"]}
+    loaded = load_extractor(path, manifest).model
+    assert loaded.normalize.mean.flatten().tolist() == pytest.approx([0.4, 0.5, 0.6])
+
+
+# ONNX: a 415 pointing to torch.export (no worker imports ONNX yet).
+
+
+def _onnx_bytes() -> bytes:
+    """The start of an ONNX ModelProto as protobuf writes it (ir_version 8, producer_name,
+    a graph, an opset_import), hand-encoded: the API needs no onnx package to tell it."""
+    graph = b"\x0a\x05input" * 10  # field contents the API does not read (70 bytes)
+    return (
+        b"\x08\x08"
+        + b"\x12\x07pytorch"
+        + b"\x3a"
+        + bytes([len(graph)])
+        + graph
+        + b"\x42\x02\x10\x0d"  # opset_import {version: 13}
+    )
+
+
+ONNX_FORM = {"input_shape": "3,32,32", "name": "hub model", "mean": "0.5,0.5,0.5", "std": "1,1,1"}
+
+
+def test_an_onnx_upload_gets_a_415_pointing_to_torch_export(
+    client, make_tenant, clean_db, settings
+) -> None:
+    response = upload(client, make_tenant("a"), _onnx_bytes(), ONNX_FORM, "model.onnx")
+    assert response.status_code == 415, response.text
+    detail = response.json()["detail"]
+    assert "ONNX uploads are not imported" in detail
+    assert "export the model with torch.export and upload the .pt2" in detail
+    assert model_rows(clean_db) == 0 and stored_files(settings) == []
+
+
+def test_a_file_named_onnx_that_is_not_protobuf_gets_a_422(
+    client, make_tenant, clean_db, settings, convnet_bytes
+) -> None:
+    response = upload(client, make_tenant("a"), convnet_bytes, ONNX_FORM, "model.onnx")
+    assert response.status_code == 422, response.text
+    error = response.json()["detail"][0]
+    assert error["loc"] == ["body", "file"] and "not an ONNX model" in error["msg"]
+    assert model_rows(clean_db) == 0 and stored_files(settings) == []
