@@ -7,7 +7,7 @@ from importlib.metadata import PackageNotFoundError, version
 from fastapi import FastAPI
 
 from api.errors import install_error_handlers
-from api.routes import health, jobs, models
+from api.routes import datasets, health, jobs, models
 from common.artifacts import make_artifact_store
 from common.db import make_engine, make_session_factory
 from common.queue import make_celery
@@ -37,6 +37,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.store = make_artifact_store(settings)
     app.state.celery = make_celery(settings)
     install_error_handlers(app)
-    for router in (health.router, models.router, jobs.router):
+    for router in (health.router, models.router, datasets.router, jobs.router):
         app.include_router(router)
     return app

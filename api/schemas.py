@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
-from catalog import JobKindName
-from common.models import JobStatus, ModelSource
+from catalog import DatasetFormatName, JobKindName
+from common.models import DatasetStatus, JobStatus, ModelSource
 from core.report import AuditReport
 
 
@@ -74,6 +74,39 @@ class ModelPublic(BaseModel):
 
 class ModelsPage(BaseModel):
     items: list[ModelPublic]
+    total: int
+    limit: int
+    offset: int
+
+
+class ImageShape(BaseModel):
+    channels: int
+    height: int
+    width: int
+
+
+class DatasetPublic(BaseModel):
+    """A tenant dataset. Its facts are null until its dataset job has read it (``ready``)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    name: str
+    format: DatasetFormatName
+    status: DatasetStatus  # pending, ready or failed
+    error: str | None  # why the dataset job refused the upload (failed)
+    sha256: str  # of the upload as sent
+    size_bytes: int  # of the upload as sent
+    classes: list[str] | None  # class names, by label
+    image_shape: ImageShape | None
+    train_counts: list[int] | None  # training images per class
+    test_counts: list[int] | None  # test images per class
+    job_id: uuid.UUID | None  # the dataset job that reads the upload
+    created_at: UTCDateTime
+
+
+class DatasetsPage(BaseModel):
+    items: list[DatasetPublic]
     total: int
     limit: int
     offset: int

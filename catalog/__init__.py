@@ -8,6 +8,12 @@ See docs/architecture.md for how to add an entry.
 
 from catalog.archs import ARCHS, ArchSpec, recognize_arch
 from catalog.attacks import ATTACKS, DEFAULT_ATTACKS, AttackSettings, AttackSpec
+from catalog.dataset_formats import (
+    DATASET_FORMATS,
+    DatasetFormatName,
+    DatasetFormatSpec,
+    infer_format,
+)
 from catalog.datasets import DATASETS, DatasetSpec, SplitConfig
 from catalog.defenses import DEFAULT_DEFENSE, DEFENSES, DefenseSpec
 from catalog.jobs import JOB_KINDS, JobKindName, JobKindSpec
@@ -19,6 +25,7 @@ __all__ = [
     "ARCHS",
     "ATTACKS",
     "DATASETS",
+    "DATASET_FORMATS",
     "DEFAULT_ATTACKS",
     "DEFAULT_DEFENSE",
     "DEFENSES",
@@ -30,6 +37,8 @@ __all__ = [
     "AttackSettings",
     "AttackSpec",
     "Catalog",
+    "DatasetFormatName",
+    "DatasetFormatSpec",
     "DatasetName",
     "DatasetSpec",
     "DefenseName",
@@ -43,5 +52,6 @@ __all__ = [
     "SplitConfig",
     "UnknownNameError",
     "default_recipe",
+    "infer_format",
     "recognize_arch",
 ]

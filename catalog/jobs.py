@@ -12,7 +12,12 @@ from typing import Annotated
 from pydantic import BaseModel
 
 from catalog.registry import Catalog, OneOf
-from catalog.requests import AuditJobCreate, ImportJobSpec, PretrainJobCreate
+from catalog.requests import (
+    AuditJobCreate,
+    DatasetImportSpec,
+    ImportJobSpec,
+    PretrainJobCreate,
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,12 @@ JOB_KINDS: Catalog[JobKindSpec] = Catalog(
             title="a torch state-dict upload converted to safetensors by a worker",
             spec=ImportJobSpec,
             task="bulwark.import",
+        ),
+        JobKindSpec(
+            name="dataset",
+            title="a tenant's dataset upload read, checked and stored as a canonical npz",
+            spec=DatasetImportSpec,
+            task="bulwark.dataset",
         ),
     ],
 )

@@ -3,17 +3,18 @@
 A request holds only what the user chose; ``common.specs`` resolves it into the core's full
 config (recipe defaults, rescaled schedules, ranges), the same way for HTTP and the CLI.
 Fields the service sets itself (paths, devices) cannot be given as overrides: a tenant names
-data by dataset, never by server path.
+data by a built-in dataset or by the id of one of its own datasets, never by server path.
 """
 
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from catalog.attacks import ATTACKS, DEFAULT_ATTACKS
+from catalog.dataset_formats import DatasetFormatName
 from catalog.defenses import DEFAULT_DEFENSE
 from catalog.names import ArchName, AttackName, DatasetName, DefenseName, RecipeName
 
@@ -21,6 +22,9 @@ from catalog.names import ArchName, AttackName, DatasetName, DefenseName, Recipe
 # bird/automobile, deer/automobile, frog/cat. Other datasets use the same indices.
 PAPER_PAIRS: tuple[tuple[int, int], ...] = ((0, 7), (2, 1), (4, 1), (6, 3))
 MAX_SEED = 2**32 - 1
+# The catalog dataset a tenant dataset (``dataset_id``) is read as: the worker fetches its
+# canonical npz and reads it with this entry's reader.
+TENANT_DATASET_ENTRY = "npz"
 
 # Config fields that are request fields of their own or set by the service.
 RESERVED_PRETRAIN_OVERRIDES = frozenset(
@@ -50,12 +54,31 @@ def _no_reserved(overrides: dict[str, Any], reserved: frozenset[str]) -> dict[st
     return overrides
 
 
+DATASET_FIELD = "a built-in dataset; or give dataset_id instead"
+DATASET_ID_FIELD = "one of your ready datasets (POST /v1/datasets), in place of dataset"
+
+
+def _one_dataset(dataset: str | None, dataset_id: uuid.UUID | None) -> None:
+    """Exactly one of ``dataset`` and ``dataset_id``."""
+    if (dataset is None) == (dataset_id is None):
+        given = "both" if dataset is not None else "neither"
+        raise ValueError(
+            "give exactly one of dataset (a built-in dataset) and dataset_id (one of your "
+            f"datasets); got {given}"
+        )
+
+
+def _dataset_entry(dataset: str | None) -> str:
+    return TENANT_DATASET_ENTRY if dataset is None else dataset
+
+
 class PretrainRequest(BaseModel):
     """A robust pre-training run: a named recipe scaled to ``epochs``, plus overrides."""
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: DatasetName
+    dataset: DatasetName | None = Field(None, description=DATASET_FIELD)
+    dataset_id: uuid.UUID | None = Field(None, description=DATASET_ID_FIELD)
     arch: ArchName = "resnet18"
     defense: DefenseName = DEFAULT_DEFENSE
     recipe: RecipeName | None = Field(None, description="default: the paper's for the dataset")
@@ -71,6 +94,16 @@ class PretrainRequest(BaseModel):
     def _no_reserved_overrides(cls, overrides: dict[str, Any]) -> dict[str, Any]:
         return _no_reserved(overrides, RESERVED_PRETRAIN_OVERRIDES)
 
+    @model_validator(mode="after")
+    def _exactly_one_dataset(self) -> PretrainRequest:
+        _one_dataset(self.dataset, self.dataset_id)
+        return self
+
+    @property
+    def dataset_entry(self) -> str:
+        """The catalog dataset read: ``dataset``, or the tenant-dataset entry for an id."""
+        return _dataset_entry(self.dataset)
+
 
 class PretrainJobCreate(PretrainRequest):
     name: str | None = Field(None, max_length=200, description="name of the produced model")
@@ -81,7 +114,13 @@ class AuditRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dataset: DatasetName = Field(description="the model's classes must match the dataset's")
+    dataset: DatasetName | None = Field(
+        None, description=f"{DATASET_FIELD}; the model's classes must match the dataset's"
+    )
+    dataset_id: uuid.UUID | None = Field(
+        None,
+        description=f"{DATASET_ID_FIELD}; a class count other than the model's gets a fresh head",
+    )
     attacks: list[AttackName] = Field(default_factory=lambda: list(DEFAULT_ATTACKS), min_length=1)
     attack_settings: dict[AttackName, dict[str, Any]] = Field(
         default_factory=dict,
@@ -130,6 +169,16 @@ class AuditRequest(BaseModel):
             raise ValueError(f"attack_settings names {unused}, which are not in attacks")
         return self
 
+    @model_validator(mode="after")
+    def _exactly_one_dataset(self) -> AuditRequest:
+        _one_dataset(self.dataset, self.dataset_id)
+        return self
+
+    @property
+    def dataset_entry(self) -> str:
+        """The catalog dataset read: ``dataset``, or the tenant-dataset entry for an id."""
+        return _dataset_entry(self.dataset)
+
     @property
     def effective_pairs(self) -> tuple[tuple[int, int], ...]:
         return tuple(self.pairs) if self.pairs is not None else PAPER_PAIRS
@@ -153,6 +202,8 @@ class ImportJobSpec(BaseModel):
 
     The API never reads the file (it would have to unpickle it); a worker reads it with
     ``torch.load(weights_only=True)``, checks it against this metadata and stores safetensors.
+    A ``torch.export`` program (``format="export"``) has no Bulwark ``arch``, and ``output``
+    says whether it ends in logits (its last linear layer is the head) or in features.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -161,8 +212,33 @@ class ImportJobSpec(BaseModel):
     filename: str | None = None
     sha256: str  # of the uploaded .pt file
     name: str | None = None
-    arch: ArchName
+    format: Literal["torch-state-dict", "export"] = "torch-state-dict"
+    arch: ArchName | None = None  # required for a torch state dict
     input_shape: list[int] = Field(min_length=3, max_length=3)
     classes: list[str] | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
+    output: Literal["logits", "features"] = "logits"  # what an export or onnx graph outputs
+
+    @model_validator(mode="after")
+    def _state_dicts_name_their_arch(self) -> ImportJobSpec:
+        if self.format == "torch-state-dict" and self.arch is None:
+            raise ValueError("a torch state dict needs its arch")
+        return self
+
+
+class DatasetImportSpec(BaseModel):
+    """A tenant's dataset upload waiting in the artifact store for the worker that reads it.
+
+    The API checked only the container (member names and declared sizes); the worker reads
+    the arrays or images (``core.datasets.tenant``), stores the canonical npz and the facts
+    on the dataset's row, and deletes the upload either way.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset_id: uuid.UUID
+    upload_key: str
+    format: DatasetFormatName
+    filename: str | None = None
+    sha256: str  # of the upload as sent

@@ -1,4 +1,4 @@
-"""The system of record: tenants, API keys, jobs, models and reports (SQLAlchemy 2.0 ORM).
+"""The system of record: tenants, API keys, jobs, models, datasets and reports (SQLAlchemy 2.0 ORM).
 
 The schema is created only by the Alembic migrations in ``migrations/``; these classes are
 what autogenerate compares against, so a change here needs a new migration.
@@ -26,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
 
-from catalog import JOB_KINDS
+from catalog import DATASET_FORMATS, JOB_KINDS
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -67,6 +67,12 @@ FINISHED_STATUSES = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.
 class ModelSource(enum.StrEnum):
     UPLOAD = "upload"
     PRETRAIN = "pretrain"
+
+
+class DatasetStatus(enum.StrEnum):
+    PENDING = "pending"  # uploaded; its dataset job has not read it yet
+    READY = "ready"  # read, checked and stored as the canonical npz
+    FAILED = "failed"  # the dataset job refused it (``error`` says why); nothing is kept
 
 
 def _enum(cls: type[enum.StrEnum], name: str) -> Enum:
@@ -127,6 +133,45 @@ class StoredModel(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     weights_key: Mapped[str] = mapped_column(String(300))  # in the artifact store
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class TenantDataset(Base):
+    """A tenant's own image set: uploaded, read by a ``dataset`` job, audited by ``dataset_id``.
+
+    The upload waits in the artifact store until its job reads it; a ready dataset is kept
+    as one canonical npz (``data_key``) and its facts, which the API checks audits against.
+    A deleted dataset keeps its row as a tombstone (``deleted_at``), so a repeated DELETE is
+    answered the same.
+    """
+
+    __tablename__ = "datasets"
+
+    id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("tenants.id", ondelete="CASCADE"), index=True
+    )
+    name: Mapped[str] = mapped_column(String(200))
+    format: Mapped[str] = mapped_column(String(16))  # a name of catalog.DATASET_FORMATS
+    status: Mapped[DatasetStatus] = mapped_column(
+        _enum(DatasetStatus, "dataset_status"), default=DatasetStatus.PENDING
+    )
+    error: Mapped[str | None] = mapped_column(Text)  # why the dataset job refused it
+    sha256: Mapped[str] = mapped_column(String(64))  # of the upload as sent
+    size_bytes: Mapped[int] = mapped_column(BigInteger)  # of the upload as sent
+    data_key: Mapped[str | None] = mapped_column(String(300))  # the canonical npz, once ready
+    # The facts read from the files (core.datasets.tenant.dataset_facts), once ready.
+    classes: Mapped[list[str] | None] = mapped_column(JSON)  # class names, by label
+    image_shape: Mapped[dict[str, Any] | None]  # {"channels", "height", "width"}
+    train_counts: Mapped[list[int] | None] = mapped_column(JSON)  # training images per class
+    test_counts: Mapped[list[int] | None] = mapped_column(JSON)  # test images per class
+    # The dataset job that reads the upload.
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    deleted_at: Mapped[datetime | None]
+
+    @validates("format")
+    def _known_format(self, _key: str, name: str) -> str:
+        return DATASET_FORMATS.check(name)
 
 
 class Job(Base):

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from catalog.requests import (
     AuditJobCreate,
     AuditRequest,
+    DatasetImportSpec,
     ImportJobSpec,
     PretrainJobCreate,
     PretrainRequest,
@@ -24,6 +25,7 @@ from core.config import AuditConfig, PretrainConfig, audit_config, pretrain_conf
 __all__ = [
     "AuditJobCreate",
     "AuditRequest",
+    "DatasetImportSpec",
     "ImportJobSpec",
     "PretrainJobCreate",
     "PretrainRequest",
@@ -48,10 +50,14 @@ class SpecError(ValueError):
 def resolve_pretrain(
     request: PretrainRequest, *, data_dir: str | None = None, device: str | None = None
 ) -> PretrainConfig:
-    """The core's config for ``request``; raises :class:`SpecError` naming every bad field."""
+    """The core's config for ``request``; raises :class:`SpecError` naming every bad field.
+
+    A tenant dataset (``dataset_id``) resolves to the catalog's tenant-dataset entry, read
+    from ``data_dir``, the file the worker fetched; the request keeps the id.
+    """
     try:
         return pretrain_config(
-            dataset=request.dataset,
+            dataset=request.dataset_entry,
             defense=request.defense,
             recipe=request.recipe,
             epochs=request.epochs,
@@ -62,7 +68,7 @@ def resolve_pretrain(
             **request.overrides,
         )
     except ValidationError as error:
-        raise SpecError(spec_errors(error, request.overrides, PretrainConfig)) from None
+        raise SpecError(spec_errors(error, request.overrides, PretrainConfig, request)) from None
 
 
 def resolve_audit(
@@ -76,7 +82,7 @@ def resolve_audit(
     try:
         return audit_config(
             model=model,
-            dataset=request.dataset,
+            dataset=request.dataset_entry,
             data_dir=data_dir,
             device=device,
             attacks=tuple(request.attacks),
@@ -89,7 +95,7 @@ def resolve_audit(
             **request.overrides,
         )
     except ValidationError as error:
-        raise SpecError(spec_errors(error, request.overrides, AuditConfig)) from None
+        raise SpecError(spec_errors(error, request.overrides, AuditConfig, request)) from None
 
 
 def stored_config(config: BaseModel) -> dict[str, Any]:
@@ -98,12 +104,18 @@ def stored_config(config: BaseModel) -> dict[str, Any]:
 
 
 def spec_errors(
-    error: ValidationError, overrides: dict[str, Any], config: type[BaseModel]
+    error: ValidationError,
+    overrides: dict[str, Any],
+    config: type[BaseModel],
+    request: BaseModel | None = None,
 ) -> list[dict[str, Any]]:
     """The core config's errors, located in the request: ``overrides.<field>`` or ``<field>``.
 
     A whole-config error ("milestones must ...") is put on the field its message starts with.
+    A config field that is not a field of ``request`` can only be set as an override, so its
+    error is located there even when it came from a default (``overrides.split``).
     """
+    request_fields = type(request).model_fields if request is not None else None
     errors = []
     for item in error.errors(include_url=False, include_context=False):
         if item["loc"]:
@@ -113,7 +125,13 @@ def spec_errors(
             words = item["msg"].removeprefix("Value error, ").split()
             field = words[0] if words and words[0] in config.model_fields else ""
             rest = ()
-        if field in overrides:
+        overridable = (
+            request_fields is not None
+            and field in config.model_fields
+            and field not in request_fields
+            and field not in SERVICE_FIELDS
+        )
+        if field in overrides or overridable:
             loc: tuple[Any, ...] = ("overrides", field, *rest)
         else:
             loc = (field or "overrides", *rest)

@@ -29,7 +29,7 @@ error everything under ``dest`` is removed. Nothing of an archive's metadata (mo
 times) is applied: files are written with the process's default permissions.
 
 Standard library only, like ``core.config``: the API, which never loads numpy or torch, lists
-uploads with it (through ``common.archives``), and ``core.datasets.tenant`` extracts with it.
+uploads with it (it is torch-free), and ``core.datasets.tenant`` extracts with it.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""core.archives (the service's common.archives): untrusted zips and tars listed and
+"""core.archives: untrusted zips and tars listed and
 extracted, or refused leaving nothing.
 
 Every archive here is a real file written by the test: with zipfile and tarfile where they can
@@ -379,11 +379,3 @@ def test_a_file_that_is_no_archive_is_refused(tmp_path: Path, content: bytes) ->
 def test_limits_must_be_positive(make: Callable[[], ArchiveLimits]) -> None:
     with pytest.raises(ValueError, match="ArchiveLimits"):
         make()
-
-
-def test_the_service_takes_the_same_functions_from_common() -> None:
-    import common.archives
-    import core.archives
-
-    for name in common.archives.__all__:
-        assert getattr(common.archives, name) is getattr(core.archives, name)

@@ -13,7 +13,7 @@ import logging
 import shutil
 import uuid
 from collections.abc import Callable
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar
 
 from celery import Task
@@ -24,11 +24,12 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from catalog import JOB_KINDS, JobKindSpec
-from common.artifacts import model_manifest_key, model_weights_key
+from common.artifacts import model_manifest_key, model_program_key, model_weights_key
 from common.models import Job, JobStatus, ModelSource, Report, StoredModel, utcnow
 from common.settings import Settings
 from common.specs import (
     AuditJobCreate,
+    DatasetImportSpec,
     ImportJobSpec,
     PretrainJobCreate,
     SpecError,
@@ -37,6 +38,7 @@ from common.specs import (
 )
 from core.config import AuditConfig, PretrainConfig
 from worker.celery_app import app
+from worker.datasets import fetch_dataset, import_dataset
 from worker.jobs import (
     Heartbeat,
     JobCancelledError,
@@ -116,6 +118,22 @@ def job_work_dir(settings: Settings, job_id: uuid.UUID) -> Path:
     return settings.resolved_work_dir / str(job_id)
 
 
+def job_data_dir(
+    resources: Resources,
+    job: Job,
+    dataset: str | None,
+    dataset_id: uuid.UUID | None,
+    work_dir: Path,
+) -> str | None:
+    """Where the job's data is: a built-in dataset's folder, or the tenant dataset's canonical
+    npz fetched into the work dir (the config reads it as the tenant-dataset entry)."""
+    if dataset_id is not None:
+        return fetch_dataset(
+            resources, dataset_id=dataset_id, tenant_id=job.tenant_id, work_dir=work_dir
+        )
+    return dataset_dir(resources.settings, dataset) if dataset is not None else None
+
+
 def job_config(
     job: Job, config_type: type[ConfigT], resolve: Callable[[], ConfigT], **service: Any
 ) -> ConfigT:
@@ -136,11 +154,11 @@ def execute_pretrain(job: Job, resources: Resources, progress: ProgressWriter) -
 
     settings = resources.settings
     spec = PretrainJobCreate.model_validate(job.spec)
-    data_dir = dataset_dir(settings, spec.dataset)
+    work_dir = job_work_dir(settings, job.id)
+    data_dir = job_data_dir(resources, job, spec.dataset, spec.dataset_id, work_dir)
     config = job_config(
         job, PretrainConfig, lambda: resolve_pretrain(spec, data_dir=data_dir), data_dir=data_dir
     )
-    work_dir = job_work_dir(settings, job.id)
     out_dir = work_dir / "checkpoint"
     result = pretrain(config, out_dir=out_dir, work_dir=work_dir, progress=progress)
 
@@ -150,7 +168,8 @@ def execute_pretrain(job: Job, resources: Resources, progress: ProgressWriter) -
         out_dir,
         result.manifest,
         source=ModelSource.PRETRAIN,
-        name=spec.name or f"{spec.arch}-{spec.defense}-{spec.dataset}-{job.id.hex[:8]}",
+        name=spec.name
+        or f"{spec.arch}-{spec.defense}-{spec.dataset or 'dataset'}-{job.id.hex[:8]}",
     )
     with resources.session_factory() as session:
         _mark_succeeded(
@@ -167,14 +186,17 @@ def _store_model(
     *,
     name: str,
     source: ModelSource,
+    program: bool = False,
 ) -> uuid.UUID:
     """Publish ``out_dir``'s checkpoint and write its model row; the id follows from the job
-    id, so a redelivered job never makes a second model."""
-    from core.checkpoint import MANIFEST_NAME, WEIGHTS_NAME
+    id, so a redelivered job never makes a second model. ``program``: the checkpoint is a
+    ``torch.export`` program (``model.pt2``) rather than ``model.safetensors``."""
+    from core.checkpoint import EXPORTED_NAME, MANIFEST_NAME, WEIGHTS_NAME
 
     model_id = uuid.uuid5(job.id, "model")
-    weights = out_dir / WEIGHTS_NAME
-    resources.store.put_file(model_weights_key(model_id), weights)
+    weights = out_dir / (EXPORTED_NAME if program else WEIGHTS_NAME)
+    weights_key = model_program_key(model_id) if program else model_weights_key(model_id)
+    resources.store.put_file(weights_key, weights)
     resources.store.put_file(model_manifest_key(model_id), out_dir / MANIFEST_NAME)
     with resources.session_factory() as session:
         if session.get(StoredModel, model_id) is None:
@@ -191,7 +213,7 @@ def _store_model(
                     manifest=manifest,
                     sha256=manifest["weights_sha256"],
                     size_bytes=weights.stat().st_size,
-                    weights_key=model_weights_key(model_id),
+                    weights_key=weights_key,
                 )
             )
             session.commit()
@@ -199,10 +221,14 @@ def _store_model(
 
 
 def execute_import(job: Job, resources: Resources, progress: ProgressWriter) -> None:
-    """Read an uploaded torch state dict (weights only) and store it as a safetensors model."""
+    """Read an uploaded torch state dict (weights only) and store it as a safetensors model;
+    a ``torch.export`` program is checked and stored as it was uploaded."""
     spec = ImportJobSpec.model_validate(job.spec)
     try:
-        _convert_upload(job, spec, resources, progress)
+        if spec.format == "export":
+            _import_exported(job, spec, resources, progress)
+        else:
+            _convert_upload(job, spec, resources, progress)
     except OperationalError:  # transient: the retry needs the upload
         raise
     except BaseException:  # the job ends here: the untrusted file is not kept
@@ -268,6 +294,53 @@ def _convert_upload(
     shutil.rmtree(work_dir, ignore_errors=True)
 
 
+def _import_exported(
+    job: Job, spec: ImportJobSpec, resources: Resources, progress: ProgressWriter
+) -> None:
+    """Check an uploaded ``torch.export`` program (``core.exported``: nothing unpickled, an
+    operator allowlist, a run on the declared input shape) and store it untouched, with its
+    manifest, as an ``exported`` model."""
+    from core.exported import save_exported
+    from core.progress import Progress
+
+    work_dir = job_work_dir(resources.settings, job.id)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    upload = work_dir / "upload.pt2"
+    progress(Progress(phase="import", fraction=0.0, message="checking the torch.export program"))
+    resources.store.fetch(spec.upload_key, upload)
+    out_dir = work_dir / "checkpoint"
+    try:
+        loaded = save_exported(
+            upload,
+            out_dir,
+            input_shape=spec.input_shape,
+            output=spec.output,
+            mean=spec.mean,
+            std=spec.std,
+            classes=spec.classes,
+            manifest={"source_file": spec.filename, "source_sha256": spec.sha256},
+        )
+    finally:
+        upload.unlink(missing_ok=True)
+    model_id = _store_model(
+        resources,
+        job,
+        out_dir,
+        loaded.manifest,
+        source=ModelSource.UPLOAD,
+        name=spec.name or spec.filename or "exported model",
+        program=True,
+    )
+    with resources.session_factory() as session:
+        _mark_succeeded(
+            session,
+            job.id,
+            result_model_id=model_id,
+            message=f"torch.export program checked: {loaded.model.feature_dim}-d features",
+        )
+    shutil.rmtree(work_dir, ignore_errors=True)
+
+
 def execute_audit(job: Job, resources: Resources, progress: ProgressWriter) -> None:
     """Attack a stored extractor with the chosen attacks and store the ASR report."""
     from core.audit import run_audit
@@ -281,10 +354,11 @@ def execute_audit(job: Job, resources: Resources, progress: ProgressWriter) -> N
             raise JobFailedError("the model to audit was deleted before the audit ran")
         model_dir = work_dir / "model"
         model_dir.mkdir(parents=True, exist_ok=True)
-        store.fetch(model.weights_key, model_dir / "model.safetensors")
+        # model.safetensors, or model.pt2 for a torch.export program (core.exported)
+        store.fetch(model.weights_key, model_dir / PurePosixPath(model.weights_key).name)
         (model_dir / "manifest.json").write_text(json.dumps(model.manifest))
         model_id = model.id
-    data_dir = dataset_dir(settings, spec.dataset)
+    data_dir = job_data_dir(resources, job, spec.dataset, spec.dataset_id, work_dir)
     config = job_config(
         job,
         AuditConfig,
@@ -317,6 +391,20 @@ def execute_audit(job: Job, resources: Resources, progress: ProgressWriter) -> N
     shutil.rmtree(work_dir, ignore_errors=True)
 
 
+def execute_dataset(job: Job, resources: Resources, progress: ProgressWriter) -> None:
+    """Read a tenant's dataset upload into its canonical npz and facts (the dataset's row)."""
+    spec = DatasetImportSpec.model_validate(job.spec)
+    message = import_dataset(
+        spec,
+        tenant_id=job.tenant_id,
+        resources=resources,
+        progress=progress,
+        work_dir=job_work_dir(resources.settings, job.id),
+    )
+    with resources.session_factory() as session:
+        _mark_succeeded(session, job.id, result_model_id=None, message=message)
+
+
 def _mark_succeeded(
     session: Session, job_id: uuid.UUID, *, result_model_id: uuid.UUID | None, message: str
 ) -> None:
@@ -345,6 +433,7 @@ EXECUTORS: dict[str, Execute] = {
     "pretrain": execute_pretrain,
     "audit": execute_audit,
     "import": execute_import,
+    "dataset": execute_dataset,
 }
 
 

@@ -13,13 +13,23 @@ from sqlalchemy.orm import Session
 
 from api.errors import BrokerUnavailableError, ConflictError, InvalidFieldError, NotFoundError
 from api.schemas import JobPublic
-from catalog import DATASETS, JOB_KINDS
+from catalog import DATASETS, JOB_KINDS, SplitConfig
 from common.db import rows_matched
-from common.models import Job, JobStatus, Report, StoredModel, Tenant, utcnow
+from common.models import (
+    DatasetStatus,
+    Job,
+    JobStatus,
+    Report,
+    StoredModel,
+    Tenant,
+    TenantDataset,
+    utcnow,
+)
 from common.queue import task_name
 from common.settings import Settings
 from common.specs import (
     AuditJobCreate,
+    DatasetImportSpec,
     ImportJobSpec,
     PretrainJobCreate,
     SpecError,
@@ -47,10 +57,15 @@ def submit_pretrain(
     spec: PretrainJobCreate,
     idempotency_key: str | None,
 ) -> Job:
+    dataset = tenant_dataset(session, tenant, spec.dataset_id) if spec.dataset_id else None
     try:
         config = resolve_pretrain(spec)  # the core's own checks, torch-free
     except SpecError as error:
         raise InvalidFieldError(_in_body(error.errors)) from None
+    if dataset is not None:
+        errors = dataset_errors(dataset, split=config.resolved_split)
+        if errors:
+            raise InvalidFieldError(errors)
     return _submit(
         session=session,
         celery=celery,
@@ -87,6 +102,7 @@ def submit_audit(
             loc=["body", "model_id"],
             valid_model_ids=[str(v) for v in valid],
         )
+    dataset = tenant_dataset(session, tenant, spec.dataset_id) if spec.dataset_id else None
     errors = _class_errors(spec, model)
     config = None
     try:
@@ -95,6 +111,16 @@ def submit_audit(
         config = resolve_audit(spec, model=model.weights_key)
     except SpecError as error:
         errors += _in_body(error.errors)
+    if dataset is not None and config is not None:
+        # The dataset's own classes decide; a class count other than the model's gets a
+        # fresh head (core.audit), so only channels, pairs and counts are checked.
+        errors += dataset_errors(
+            dataset,
+            split=config.resolved_split,
+            pairs=spec.effective_pairs,
+            targets_per_pair=spec.targets_per_pair,
+            in_channels=model.in_channels,
+        )
     if errors or config is None:
         raise InvalidFieldError(errors)
     return _submit(
@@ -116,11 +142,13 @@ def _class_errors(spec: AuditJobCreate, model: StoredModel) -> list[dict[str, An
     A dataset whose class count is known only once its files are read (an image folder) is
     checked by the worker instead.
     """
-    classes = DATASETS.get(spec.dataset).num_classes
+    classes = DATASETS.get(spec.dataset_entry).num_classes
     if classes is None:
         return []
     errors: list[dict[str, Any]] = []
-    if model.num_classes != classes:
+    # A feature-only exported model has no head ("head": "none"): any class count fits, the
+    # audit re-trains a fresh head on the dataset's classes.
+    if model.num_classes != classes and model.manifest.get("head") != "none":
         errors.append(
             {
                 "loc": ("body", "dataset"),
@@ -136,6 +164,79 @@ def _class_errors(spec: AuditJobCreate, model: StoredModel) -> list[dict[str, An
                     "msg": f"class indices must be below {classes}, got {list(pair)}",
                 }
             )
+    return errors
+
+
+def tenant_dataset(session: Session, tenant: Tenant, dataset_id: uuid.UUID) -> TenantDataset:
+    """The tenant's ready dataset ``dataset_id`` (404 naming the field if it is not the
+    tenant's, 409 if not ready), locked against a DELETE until the job row is committed."""
+    dataset = session.get(TenantDataset, dataset_id, with_for_update={"read": True})
+    if dataset is None or dataset.tenant_id != tenant.id or dataset.deleted_at is not None:
+        raise NotFoundError(
+            f"no dataset {dataset_id}; give one of yours (GET /v1/datasets)",
+            loc=["body", "dataset_id"],
+        )
+    if dataset.status != DatasetStatus.READY:
+        raise ConflictError(
+            f"dataset {dataset.id} is {dataset.status.value}; only a ready dataset can be used",
+            loc=["body", "dataset_id"],
+            status=dataset.status.value,
+            error=dataset.error,
+        )
+    return dataset
+
+
+def dataset_errors(
+    dataset: TenantDataset,
+    *,
+    split: SplitConfig,
+    pairs: tuple[tuple[int, int], ...] = (),
+    targets_per_pair: int | None = None,
+    in_channels: int | None = None,
+) -> list[dict[str, Any]]:
+    """A request's choices against a tenant dataset's recorded facts, every problem named."""
+    classes = len(dataset.classes or ())
+    train, test = dataset.train_counts or [], dataset.test_counts or []
+    channels = (dataset.image_shape or {}).get("channels")
+    errors: list[dict[str, Any]] = []
+    if in_channels is not None and channels != in_channels:
+        errors.append(
+            {
+                "loc": ("body", "dataset_id"),
+                "msg": f"dataset {dataset.id} has {channels}-channel images but the model takes "
+                f"{in_channels}",
+            }
+        )
+    for index, pair in enumerate(pairs):
+        if max(pair) >= classes:
+            errors.append(
+                {
+                    "loc": ("body", "pairs", index),
+                    "msg": f"class indices must be below {classes} (dataset {dataset.id}), "
+                    f"got {list(pair)}",
+                }
+            )
+        elif targets_per_pair is not None and test[pair[0]] < targets_per_pair:
+            errors.append(
+                {
+                    "loc": ("body", "targets_per_pair"),
+                    "msg": f"targets_per_pair={targets_per_pair} but dataset {dataset.id} has "
+                    f"{test[pair[0]]} test images of class {pair[0]}",
+                }
+            )
+    need = split.pretrain + split.retrain + split.pool
+    short = [(label, count) for label, count in enumerate(train) if 0 < count < need]
+    if short:
+        label, count = min(short, key=lambda item: item[1])
+        errors.append(
+            {
+                "loc": ("body", "overrides", "split"),
+                "msg": f"the split needs {need} training images per class (pretrain "
+                f"{split.pretrain} + retrain {split.retrain} + pool {split.pool}) but dataset "
+                f"{dataset.id} has {count} of class {label} ({len(short)} classes short); "
+                "give overrides.split with smaller counts",
+            }
+        )
     return errors
 
 
@@ -165,6 +266,32 @@ def submit_import(
         model_id=None,
         idempotency_key=None,
         job_id=job_id,
+    )
+
+
+def submit_dataset(
+    *,
+    session: Session,
+    celery: Celery,
+    settings: Settings,
+    tenant: Tenant,
+    dataset: TenantDataset,
+    spec: DatasetImportSpec,
+) -> Job:
+    """Queue the reading of a dataset upload already in the store at ``spec.upload_key``; the
+    dataset's row (``dataset.job_id`` names the job) is committed with the job's."""
+    session.add(dataset)
+    return _submit(
+        session=session,
+        celery=celery,
+        settings=settings,
+        tenant=tenant,
+        kind="dataset",
+        spec=spec.model_dump(mode="json"),
+        config=None,
+        model_id=None,
+        idempotency_key=None,
+        job_id=dataset.job_id,
     )
 
 
@@ -273,6 +400,11 @@ def cancel_job(*, session: Session, tenant: Tenant, job_id: uuid.UUID) -> Job:
     the next progress step. Conditional updates, so a worker that starts the job at the same
     moment cannot be missed."""
     job = get_job(session=session, tenant=tenant, job_id=job_id)
+    if job.kind == "dataset" and not job.status.finished:
+        raise ConflictError(
+            f"job {job.id} reads dataset {job.spec.get('dataset_id')}; delete the dataset "
+            "(DELETE /v1/datasets/{id}) to stop it"
+        )
     now = utcnow()
     cancelled_queued = rows_matched(
         session.execute(

@@ -24,7 +24,7 @@ POSTGRES = os.environ.get(
     "BULWARK_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 REDIS = os.environ.get("BULWARK_TEST_REDIS", "redis://127.0.0.1:6379/13")
-TABLES = ("reports", "jobs", "models", "api_keys", "tenants")
+TABLES = ("reports", "datasets", "jobs", "models", "api_keys", "tenants")
 
 
 def postgres_unreachable() -> str | None:

@@ -67,6 +67,10 @@ ROUTES = [
     ("GET", "/v1/models/{model}"),
     ("GET", "/v1/models/{model}/weights"),
     ("GET", "/v1/models/{model}/card"),
+    ("GET", "/v1/datasets"),
+    ("POST", "/v1/datasets"),
+    ("GET", "/v1/datasets/{model}"),
+    ("DELETE", "/v1/datasets/{model}"),
 ]
 
 
