@@ -374,7 +374,16 @@ def execute_audit(job: Job, resources: Resources, progress: ProgressWriter) -> N
         key = f"reports/{job.id}/poisons/{path.name}"
         store.put_file(key, path)
         stored.append(key)
-    body = report.model_copy(update={"stored_artifacts": stored}).model_dump(mode="json")
+    # What the tenant reads names the model by its API path, never by this worker's scratch
+    # paths (the model folder and the dataset file are gone once the job ends anyway).
+    public_model = f"/v1/models/{model_id}"
+    body = report.model_copy(
+        update={
+            "stored_artifacts": stored,
+            "model": report.model.model_copy(update={"path": public_model}),
+            "config": {**report.config, "model": public_model, "data_dir": None},
+        }
+    ).model_dump(mode="json")
     report_id = uuid.uuid5(job.id, "report")
     with resources.session_factory() as session:
         if session.get(Report, report_id) is None:
