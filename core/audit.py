@@ -626,7 +626,7 @@ def run_audit(
     def timed(phase: str, message: str = "") -> _Phase:
         return _Phase(tracker, timings, phase, message)
 
-    with timed("load", f"model {config.model}"):
+    with timed("load", f"the model and the {config.dataset} dataset"):
         inputs = load_stage(config, dataset)
     with timed("features", "re-training and test set features"):
         features = features_stage(inputs)
