@@ -7,7 +7,7 @@ must not be used on an untrusted one. In the pinned torch (2.13) it treats the m
 
 - ``data/weights/*`` and ``data/constants/tensor_*`` with ``use_pickle`` in their payload
   config, and the legacy ``data/weights/<model>.pt`` / ``data/constants/<model>.pt``:
-  ``torch.load(..., weights_only=False)`` (the legacy files through
+  torch's full unpickler, ``weights_only=False`` (the legacy files through
   ``deserialize_torch_artifact``, which falls back to ``weights_only=False`` when the safe
   load fails): a pickle that can run anything.
 - ``data/sample_inputs/<model>.pt``: the same fallback to ``weights_only=False``.
