@@ -59,6 +59,7 @@ from core.report import (
     ScreenFacts,
 )
 from core.screen import screen
+from core.verdict import wilson_interval
 
 
 class AuditError(BulwarkError):
@@ -255,22 +256,6 @@ def head_logits(
 ) -> torch.Tensor:
     """Logits of H heads on shared features (N, D) -> (H, N, C)."""
     return torch.einsum("nd,hcd->hnc", features, weights) + biases[:, None]
-
-
-def wilson_interval(
-    successes: int, trials: int, z: float = 1.959963984540054
-) -> tuple[float, float]:
-    """The Wilson score interval of a binomial rate (95% for the default z)."""
-    if trials == 0:
-        return (0.0, 1.0)
-    rate = successes / trials
-    denominator = 1 + z * z / trials
-    centre = (rate + z * z / (2 * trials)) / denominator
-    half = z * math.sqrt(rate * (1 - rate) / trials + z * z / (4 * trials * trials)) / denominator
-    # At 0 or all successes the bound is exact; say so rather than leave rounding residue.
-    low = 0.0 if successes == 0 else max(0.0, centre - half)
-    high = 1.0 if successes == trials else min(1.0, centre + half)
-    return (low, high)
 
 
 def mean_std(values: Sequence[float]) -> MeanStd:

@@ -7,7 +7,8 @@ render it with :func:`render_asr_table` and the cell formatters below.
 Schema history: ``bulwark-audit/1`` had flat attack settings in ``config`` (``fc_mu``,
 ``polytope_lr`` ...); ``bulwark-audit/2`` keeps them per attack in ``config.attack_settings``
 and is otherwise the same document. :func:`read_report` reads both (a /1 report keeps its
-config as it was written).
+config as it was written). The optional ``verdict`` (a policy's outcome, ``core.verdict``)
+was added within /2: a report without it reads with ``verdict`` None.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from core.verdict import Verdict
 
 SchemaVersion = Literal["bulwark-audit/1", "bulwark-audit/2"]
 SCHEMA_VERSION: SchemaVersion = "bulwark-audit/2"
@@ -138,6 +141,9 @@ class AuditReport(_Part):
     timings: dict[str, float]
     versions: dict[str, str]
     stored_artifacts: list[str] = Field(default_factory=list)  # artifact keys (service only)
+    # The verdict under a tenant's policy (core.verdict.decide), where one was given; absent
+    # from reports written before policies existed, which read as None.
+    verdict: Verdict | None = None
 
     def write(self, path: Path) -> None:
         """Indented JSON, atomically (a temporary file renamed into place)."""

@@ -22,13 +22,13 @@ from core.audit import (
     fresh_head,
     retrain_heads,
     run_audit,
-    wilson_interval,
 )
 from core.checkpoint import save_extractor
 from core.config import AuditConfig
 from core.data import split_dataset
 from core.datasets import load_dataset
 from core.report import SCHEMA_VERSION, AuditReport, read_report
+from core.verdict import wilson_interval
 
 
 @pytest.fixture(scope="module")
@@ -300,6 +300,105 @@ def test_cli_writes_the_report_and_poisons(digits_checkpoint, tmp_path, capsys):
         == 2
     )
     assert "pairs" in capsys.readouterr().err
+
+
+def test_cli_policy_verdicts_and_exit_codes(digits_checkpoint, tmp_path, capsys, monkeypatch):
+    """--policy: 0 pass, 1 fail, 3 inconclusive, 2 a bad policy (before any audit work)."""
+    from bulwark.cli import main
+
+    def audit(policy: dict | str, *extra: str, model: Path = digits_checkpoint) -> int:
+        path = tmp_path / "policy.json"
+        path.write_text(policy if isinstance(policy, str) else json.dumps(policy))
+        # Two instances of FC: every bound is wide.
+        return main(
+            [
+                "audit",
+                "--model",
+                str(model),
+                "--dataset",
+                "digits",
+                "--attacks",
+                "fc",
+                "--pairs",
+                "0:7",
+                "--targets-per-pair",
+                "2",
+                "--iterations",
+                "2",
+                "--retrain-epochs",
+                "2",
+                "--out",
+                str(out),
+                "--policy",
+                str(path),
+                *extra,
+            ]
+        )
+
+    out = tmp_path / "report.json"
+    # A threshold every result meets: pass, and --json prints the report alone on stdout.
+    assert audit({"default": {"max_asr": 1.0}}, "--json") == 0
+    captured = capsys.readouterr()
+    printed = json.loads(captured.out)
+    written = json.loads(out.read_text())
+    assert printed == written and written["verdict"]["outcome"] == "pass"
+    assert written["verdict"]["checks"][0]["attack"] == "fc"
+    assert "verdict: PASS" in captured.err and "report written" in captured.err
+
+    # 0/2 has a one-sided 95% upper bound of 57.5% and 2/2 a lower bound of 42.5%: at 50%
+    # no two-instance result decides.
+    assert audit({"default": {"max_asr": 0.5}}) == 3
+    printed = capsys.readouterr().out
+    assert "verdict: INCONCLUSIVE" in printed and "max_asr" in printed and "ASR" in printed
+    assert json.loads(out.read_text())["verdict"]["outcome"] == "inconclusive"
+
+    # Every instance a success (the audit's own result, rewritten): any success fails 0%.
+    import core.audit
+
+    real = core.audit.run_audit
+
+    def all_succeed(*args, **kwargs):
+        report = real(*args, **kwargs)
+        fc = report.attacks["fc"]
+        fc = fc.model_copy(update={"successes": fc.instances, "asr": 1.0})
+        return report.model_copy(update={"attacks": {"fc": fc}})
+
+    monkeypatch.setattr(core.audit, "run_audit", all_succeed)
+    assert audit({"default": {"max_asr": 0.0}}) == 1
+    assert "verdict: FAIL" in capsys.readouterr().out
+    assert json.loads(out.read_text())["verdict"]["reason"].startswith("FC fails max_asr")
+    monkeypatch.undo()
+
+    # Bad policies: exit 2 before the audit (the model does not even exist), no report.
+    out.unlink()
+    missing = tmp_path / "nowhere"
+    assert audit('{"default": {"max_asr": 0.2}', model=missing) == 2
+    assert "--policy" in capsys.readouterr().err
+    invalid = {"confidence": 1.5, "default": {"max_asr": -1}, "attacks": {"xx": {}}}
+    assert audit(invalid, model=missing) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 3 and all(e.startswith("bulwark audit: --policy") for e in errors)
+    for field in ("confidence", "default.max_asr", "attacks.xx"):
+        assert any(f"policy.json: {field}: " in e for e in errors), (field, errors)
+    absent = tmp_path / "absent.json"
+    assert (
+        main(
+            [
+                "audit",
+                "--model",
+                str(missing),
+                "--dataset",
+                "digits",
+                "--out",
+                str(out),
+                "--policy",
+                str(absent),
+            ]
+        )
+        == 2
+    )
+    assert "cannot read" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_the_same_seed_gives_the_same_report(digits_checkpoint, digits):

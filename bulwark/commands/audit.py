@@ -8,6 +8,15 @@ Example (a quick audit of a checkpoint trained on Fashion-MNIST)::
 A ``torch.export`` program (``--model extractor.pt2``) of any architecture is checked and
 loaded without unpickling anything (``core.exported``); ``--input-shape`` defaults to the
 dataset's image shape, ``--output logits`` splits off the program's final linear layer.
+
+``--policy policy.json`` turns the audit into a verdict (``catalog.policy``, docs/policy.md):
+the verdict line and its checks are printed, the report gets a ``verdict`` key, and the exit
+code says it. ``--json`` prints the report's JSON to stdout instead of the tables.
+
+Exit codes: 0 the audit ran (and, with --policy, passed); 1 the policy failed; 3 the policy's
+verdict is inconclusive (too few instances to decide); 2 usage errors (bad flags, a missing,
+non-JSON or invalid policy file, an audit the model or data cannot run), reported before any
+audit work starts where they can be.
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ from catalog import ATTACKS, DATASETS, DEFAULT_ATTACKS
 from catalog.requests import PAPER_PAIRS, AuditRequest
 
 if TYPE_CHECKING:
+    from catalog.policy import Policy
     from core.report import AuditReport
 
 
@@ -134,6 +144,17 @@ def add_parser(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentP
     parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"))
     parser.add_argument("--out", type=Path, required=True, help="where to write report.json")
     parser.add_argument(
+        "--policy",
+        type=Path,
+        metavar="FILE",
+        help="a JSON policy (thresholds, confidence): exit 0 pass, 1 fail, 3 inconclusive",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the report's JSON to stdout instead of the tables (progress on stderr)",
+    )
+    parser.add_argument(
         "--save-poisons",
         type=Path,
         metavar="DIR",
@@ -187,6 +208,11 @@ def run(args: argparse.Namespace) -> int:
 
     from common.specs import SpecError, resolve_audit
 
+    policy = None
+    if args.policy is not None:
+        policy = _read_policy(args.policy)
+        if policy is None:
+            return 2
     try:
         request, data_dir = build_request(args)
         config = resolve_audit(
@@ -204,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
     from core.errors import BulwarkError
     from core.progress import Progress
     from core.report import render_asr_table
+    from core.verdict import decide, render_verdict
 
     bars: dict[str, tqdm] = {}
 
@@ -222,7 +249,10 @@ def run(args: argparse.Namespace) -> int:
             if bar.total is not None and bar.n >= bar.total:
                 bar.close()
         elif update.message:
-            tqdm.write(f"[{100 * update.fraction:5.1f}%] {update.phase}: {update.message}")
+            tqdm.write(
+                f"[{100 * update.fraction:5.1f}%] {update.phase}: {update.message}",
+                file=sys.stderr,
+            )
 
     try:
         with _model_folder(args) as model:
@@ -238,11 +268,45 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for bar in bars.values():
             bar.close()
+    verdict = None if policy is None else decide(report, policy)
+    if verdict is not None:
+        report = report.model_copy(update={"verdict": verdict})
     report.write(args.out)
-    print(render_asr_table(report))
-    print(f"total {report.timings['total']:.1f}s")
-    print(f"report written to {args.out}")
-    return 0
+    if args.json:
+        # stdout carries the JSON alone; the human lines go to stderr.
+        print(report.model_dump_json(indent=2))
+        if verdict is not None:
+            print(render_verdict(verdict).splitlines()[0], file=sys.stderr)
+        print(f"report written to {args.out}", file=sys.stderr)
+    else:
+        print(render_asr_table(report))
+        if verdict is not None:
+            print(render_verdict(verdict))
+        print(f"total {report.timings['total']:.1f}s")
+        print(f"report written to {args.out}")
+    return EXIT_CODES[verdict.outcome] if verdict is not None else 0
+
+
+EXIT_CODES = {"pass": 0, "fail": 1, "inconclusive": 3}
+
+
+def _read_policy(path: Path) -> Policy | None:
+    """The policy in ``path``, or None after one line per problem on stderr."""
+    from pydantic import ValidationError
+
+    from catalog.policy import read_policy
+
+    try:
+        return read_policy(path)
+    except OSError as error:
+        print(f"bulwark audit: --policy: cannot read {path}: {error.strerror}", file=sys.stderr)
+    except ValidationError as error:
+        for problem in error.errors():
+            where = ".".join(str(part) for part in problem["loc"] if part != "[key]")
+            message = str(problem["msg"]).removeprefix("Value error, ")
+            field = f" {where}:" if where else ""
+            print(f"bulwark audit: --policy {path}:{field} {message}", file=sys.stderr)
+    return None
 
 
 @contextmanager

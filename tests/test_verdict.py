@@ -1,0 +1,215 @@
+"""Verdicts: a policy's thresholds against an audit report, by one-sided Wilson bounds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from catalog.policy import Policy, read_policy
+from core.report import (
+    AttackResult,
+    AuditReport,
+    BaselineResult,
+    DatasetFacts,
+    MeanStd,
+    ModelFacts,
+    read_report,
+)
+from core.verdict import decide, one_sided_z, render_verdict, wilson_interval
+
+ZERO = MeanStd(mean=0.0, std=0.0)
+
+
+def _attack(name: str, successes: int, instances: int, baseline: int = 0) -> AttackResult:
+    return AttackResult(
+        attack=name,
+        poisons_per_instance=1,
+        instances=instances,
+        successes=successes,
+        asr=successes / instances,
+        asr_wilson95=wilson_interval(successes, instances),
+        baseline=BaselineResult(
+            successes=baseline,
+            rate=baseline / instances,
+            wilson95=wilson_interval(baseline, instances),
+            re_acc=ZERO,
+        ),
+        re_acc=ZERO,
+        feature_distance=ZERO,
+        relative_feature_distance=ZERO,
+        max_linf=0.1,
+        seconds={},
+        rows=[],
+    )
+
+
+def _report(*attacks: AttackResult) -> AuditReport:
+    return AuditReport(
+        created_at="2026-01-01T00:00:00Z",
+        model=ModelFacts(
+            path="m",
+            arch="convnet",
+            feature_dim=8,
+            num_classes=10,
+            defense=None,
+            trained_on=None,
+            weights_sha256=None,
+        ),
+        dataset=DatasetFacts(
+            name="digits",
+            classes=[str(i) for i in range(10)],
+            split={},
+            retrain_images=0,
+            pool_images=0,
+            eval_images=0,
+        ),
+        pre_acc=None,
+        pre_acc_source=None,
+        head_init="pretrained",
+        config={},
+        seed=0,
+        device="cpu",
+        precision="float32",
+        instances=[],
+        attacks={a.attack: a for a in attacks},
+        screen=None,
+        timings={},
+        versions={},
+    )
+
+
+def test_wilson_bounds_match_known_values():
+    # Two-sided 95% (z 1.96): 5/10 -> [0.2366, 0.7634], the textbook Wilson score interval.
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    # 0/n: the upper bound is z^2 / (n + z^2); one-sided 95% has z 1.6449.
+    z = one_sided_z(0.95)
+    assert z == pytest.approx(1.644854, abs=1e-6)
+    assert wilson_interval(0, 10, z) == (0.0, pytest.approx(z * z / (10 + z * z)))
+    assert wilson_interval(0, 10, z)[1] == pytest.approx(0.21294, abs=1e-5)
+    assert wilson_interval(10, 10, z) == (pytest.approx(10 / (10 + z * z)), 1.0)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_a_clearly_vulnerable_model_fails():
+    verdict = decide(_report(_attack("bp", 40, 50)), Policy(default={"max_asr": 0.2}))
+    assert verdict.outcome == "fail" and verdict.confidence == 0.95
+    (check,) = verdict.checks
+    assert check.attack == "bp" and check.name == "max_asr" and check.outcome == "fail"
+    assert check.observed == 0.8 and check.lower > 0.2
+    assert (check.lower, check.upper) == wilson_interval(40, 50, one_sided_z(0.95))
+    assert verdict.reason.startswith("BP fails max_asr 20.0%") and "80.0%" in verdict.reason
+
+
+def test_a_clearly_robust_model_passes():
+    report = _report(_attack("fc", 0, 100), _attack("bp", 1, 100))
+    verdict = decide(report, Policy(default={"max_asr": 0.1, "max_asr_above_baseline": 0.1}))
+    assert verdict.outcome == "pass" and len(verdict.checks) == 4
+    assert all(c.outcome == "pass" and c.upper <= 0.1 for c in verdict.checks)
+    # The reason names the check closest to failing: BP (1/100) on max_asr.
+    assert verdict.reason.startswith("BP passes max_asr 10.0%")
+
+
+def test_a_small_sample_is_inconclusive():
+    # 1/4: the bounds straddle 20% whatever the truth; 99% confidence widens them further.
+    for confidence in (0.9, 0.95, 0.99):
+        policy = Policy(confidence=confidence, default={"max_asr": 0.2})
+        verdict = decide(_report(_attack("cp", 1, 4)), policy)
+        assert verdict.outcome == "inconclusive" and verdict.confidence == confidence
+        assert verdict.checks[0].lower < 0.2 < verdict.checks[0].upper
+        assert verdict.reason.startswith("CP is inconclusive on max_asr 20.0%")
+    # ... and the same rate over many instances decides it.
+    assert decide(_report(_attack("cp", 250, 1000)), Policy(default={"max_asr": 0.2})).outcome == (
+        "fail"
+    )
+
+
+def test_per_attack_thresholds_override_the_default():
+    report = _report(_attack("fc", 10, 100), _attack("bp", 10, 100))
+    assert decide(report, Policy(default={"max_asr": 0.3})).outcome == "pass"
+    policy = read_policy(
+        '{"default": {"max_asr": 0.3, "max_asr_above_baseline": 0.3},'
+        ' "attacks": {"fc": {"max_asr": 0.02}, "bp": {"max_asr_above_baseline": null}}}'
+    )
+    verdict = decide(report, policy)
+    assert verdict.outcome == "fail" and verdict.reason.startswith("FC fails max_asr 2.0%")
+    by_check = {(c.attack, c.name): c for c in verdict.checks}
+    # FC: its own max_asr, the default's baseline rule; BP: the default's max_asr only.
+    assert set(by_check) == {("fc", "max_asr"), ("fc", "max_asr_above_baseline"), ("bp", "max_asr")}
+    assert by_check["fc", "max_asr"].threshold == 0.02
+    assert by_check["bp", "max_asr"].outcome == "pass"
+    # An attack the audit did not run is not checked.
+    assert decide(report, Policy(attacks={"cp": {"max_asr": 0.0}})).outcome == "inconclusive"
+
+
+def test_the_baseline_relative_rule():
+    z = one_sided_z(0.95)
+    # A high ASR that the clean re-training mostly reaches too: only the difference counts.
+    report = _report(_attack("bp", 50, 400, baseline=48))
+    verdict = decide(report, Policy(default={"max_asr_above_baseline": 0.1}))
+    (check,) = verdict.checks
+    asr_low, asr_high = wilson_interval(50, 400, z)
+    base_low, base_high = wilson_interval(48, 400, z)
+    assert check.observed == pytest.approx(2 / 400)
+    # Conservative: the ASR's lower bound minus the baseline's upper bound, and vice versa.
+    assert check.lower == pytest.approx(asr_low - base_high)
+    assert check.upper == pytest.approx(asr_high - base_low)
+    assert verdict.outcome == "pass"
+    assert decide(report, Policy(default={"max_asr": 0.1})).outcome == "fail"
+    # Far above the baseline fails the rule while max_asr alone would pass.
+    report = _report(_attack("fc", 90, 100, baseline=5))
+    assert decide(report, Policy(default={"max_asr": 0.95})).outcome == "pass"
+    verdict = decide(report, Policy(default={"max_asr": 0.95, "max_asr_above_baseline": 0.3}))
+    assert verdict.outcome == "fail"
+    assert verdict.reason.startswith("FC fails max_asr_above_baseline 30.0%")
+    assert "ASR above baseline 85.0%" in verdict.reason
+
+
+def test_fail_beats_inconclusive_beats_pass():
+    robust, unsure, broken = _attack("fc", 0, 100), _attack("cp", 1, 4), _attack("bp", 40, 50)
+    policy = Policy(default={"max_asr": 0.2})
+    assert decide(_report(robust, unsure), policy).outcome == "inconclusive"
+    verdict = decide(_report(robust, unsure, broken), policy)
+    assert verdict.outcome == "fail" and verdict.reason.startswith("BP")
+    lines = render_verdict(verdict).splitlines()
+    assert lines[0].startswith("verdict: FAIL (95% one-sided bounds). BP fails")
+    assert len(lines) == 1 + 1 + 3 and "inconclusive" in lines[3]
+
+
+def test_the_verdict_travels_in_the_report():
+    report = _report(_attack("fc", 0, 100))
+    assert report.verdict is None and "verdict" not in json.loads(
+        report.model_dump_json(exclude={"verdict"})
+    )
+    # A /2 report written before verdicts existed reads with none.
+    assert read_report(report.model_dump_json(exclude={"verdict"})).verdict is None
+    verdict = decide(report, Policy(default={"max_asr": 0.1}))
+    with_verdict = report.model_copy(update={"verdict": verdict})
+    document = json.loads(with_verdict.model_dump_json())
+    assert document["verdict"]["outcome"] == "pass"
+    assert read_report(document) == with_verdict
+
+
+def test_policies_are_validated():
+    example = '{"confidence": 0.95, "default": {"max_asr": 0.2, "max_asr_above_baseline": 0.1},'
+    example += ' "attacks": {"fc": {"max_asr": 0.1}}}'
+    policy = read_policy(example)
+    assert policy.thresholds_for("fc") == {"max_asr": 0.1, "max_asr_above_baseline": 0.1}
+    assert policy.thresholds_for("bp") == {"max_asr": 0.2, "max_asr_above_baseline": 0.1}
+    with pytest.raises(ValidationError) as caught:
+        read_policy(
+            '{"confidence": 0.5, "default": {"max_asr": -1}, "attacks": {"xx": {}}, "extra": 1}'
+        )
+    where = {tuple(e["loc"]) for e in caught.value.errors()}
+    assert where == {
+        ("confidence",),
+        ("default", "max_asr"),
+        ("attacks", "xx", "[key]"),
+        ("extra",),
+    }
+    for invalid in ("not json", "{}", '{"default": {"max_asr": null}}', '{"confidence": 1}'):
+        with pytest.raises(ValidationError):
+            read_policy(invalid)
+    with pytest.raises(ValidationError):  # frozen
+        policy.confidence = 0.9  # type: ignore[misc]
