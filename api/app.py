@@ -6,8 +6,9 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import FastAPI
 
+from api.deps import SigningKeySource
 from api.errors import install_error_handlers
-from api.routes import datasets, health, jobs, models
+from api.routes import datasets, health, jobs, models, signing
 from common.artifacts import make_artifact_store
 from common.db import make_engine, make_session_factory
 from common.queue import make_celery
@@ -30,13 +31,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Robust pre-training and clean-label poisoning audits of feature "
         "extractors. Every /v1 route needs `Authorization: Bearer <key>`.",
     )
+    signing_key = SigningKeySource(settings)
+    if settings.environment == "production":
+        # Fail at startup, not at the first report: production names its key file.
+        signing_key.get()
     engine = make_engine(settings.resolved_database_url)
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.state.store = make_artifact_store(settings)
     app.state.celery = make_celery(settings)
+    app.state.signing_key = signing_key
     install_error_handlers(app)
-    for router in (health.router, models.router, datasets.router, jobs.router):
+    for router in (health.router, signing.router, models.router, datasets.router, jobs.router):
         app.include_router(router)
     return app

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from typing import Annotated
 
 from celery import Celery
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
@@ -13,6 +15,7 @@ from api.services.tenants import authenticate
 from common.artifacts import ArtifactStore
 from common.models import Tenant
 from common.settings import Settings
+from common.signing import load_or_create_private_key
 
 
 def get_settings(request: Request) -> Settings:
@@ -32,10 +35,31 @@ def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
 
+class SigningKeySource:
+    """The deployment's signing key, read (or, embedded, created) once, on first use."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._key: Ed25519PrivateKey | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Ed25519PrivateKey:
+        with self._lock:
+            if self._key is None:
+                self._key = load_or_create_private_key(self._settings)
+            return self._key
+
+
+def get_signing_key(request: Request) -> Ed25519PrivateKey:
+    source: SigningKeySource = request.app.state.signing_key
+    return source.get()
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
+SigningKeyDep = Annotated[Ed25519PrivateKey, Depends(get_signing_key)]
 
 
 def current_tenant(request: Request, session: SessionDep) -> Tenant:

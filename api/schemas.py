@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict
 
@@ -112,14 +112,33 @@ class DatasetsPage(BaseModel):
     offset: int
 
 
-class ReportPublic(BaseModel):
-    model_config = ConfigDict(from_attributes=True)
+class SignaturePublic(BaseModel):
+    """An Ed25519 signature over the canonical JSON of a report's body (``common.signing``)."""
 
+    algorithm: Literal["ed25519"]
+    key_id: str  # first 16 hex digits of sha256(raw public key)
+    signature: str  # base64url, without padding, of the 64-byte signature
+    signed: str  # what was signed: the canonical JSON of the report body
+
+
+class ReportPublic(BaseModel):
     id: uuid.UUID
     job_id: uuid.UUID
     model_id: uuid.UUID | None
     created_at: UTCDateTime
     body: AuditReport  # the audit's report (core.report; schema bulwark-audit/1 or /2)
+    # The deployment's signature over ``body``, made when served; check it with `bulwark verify`
+    # against GET /.well-known/bulwark-signing-key.
+    signature: SignaturePublic
+
+
+class SigningKeyPublic(BaseModel):
+    """The deployment's public key, which checks the signatures of its reports."""
+
+    algorithm: Literal["ed25519"]
+    key_id: str  # first 16 hex digits of sha256(raw public key)
+    public_key: str  # the 32 raw bytes, base64
+    public_key_pem: str  # SubjectPublicKeyInfo PEM
 
 
 class HealthPublic(BaseModel):

@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("worker", "start a Celery worker on the GPU queue"),
     "tenants": ("tenants", "create tenants and their API keys"),
     "db": ("db", "migrate the database (Alembic)"),
+    "verify": ("verify", "check the deployment's signature on a saved audit report"),
     "demo": ("demo", "run the whole service end to end on a bundled dataset"),
 }
 

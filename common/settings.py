@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # longer than the longest job, or a second worker would start a running job.
     visibility_timeout_seconds: int = Field(3 * DAY + 3600, ge=1)
     public_url: str = "http://127.0.0.1:8000"  # used in printed download links
+    # The deployment's Ed25519 private key (PEM, PKCS8) that signs audit reports; read by the
+    # API only. Unset: <data_dir>/signing-key.pem, created on first use (refused in production).
+    signing_key_file: Path | None = None
 
     @model_validator(mode="after")
     def _production_needs_real_services(self) -> Self:

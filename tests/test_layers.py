@@ -26,6 +26,16 @@ WEB_QUEUE_DB = frozenset(
     {"fastapi", "starlette", "uvicorn", "sqlalchemy", "alembic", "psycopg", "celery", "kombu"}
 )
 TORCH = frozenset({"torch", "torchvision", "numpy"})
+# The core's torch-free modules (docs/architecture.md): the API may import these.
+TORCH_FREE_CORE = (
+    "core",
+    "core.config",
+    "core.report",
+    "core.errors",
+    "core.progress",
+    "core.archives",
+    "core.verdict",
+)
 
 
 def modules_of(package: str) -> list[str]:
@@ -60,9 +70,11 @@ PROBES = {
     "common": "\n".join(f"import {m}" for m in modules_of("common")),
     "catalog": "\n".join(f"import {m}" for m in modules_of("catalog")),
     "core": "\n".join(f"import {m}" for m in modules_of("core")),
+    "core-torch-free": "\n".join(f"import {m}" for m in TORCH_FREE_CORE),
     "cli-serve": "\n".join(
         [
             "import bulwark.commands.serve, bulwark.commands.tenants, bulwark.commands.db",
+            "import bulwark.commands.verify, common.signing",
             "from bulwark.cli import main",
             "try:\n    main(['serve', '--help'])\nexcept SystemExit:\n    pass",
         ]
@@ -124,6 +136,18 @@ def test_core_loads_no_web_queue_or_database(loaded: dict[str, set[str]]) -> Non
     service = {"api", "common", "worker", "bulwark", "migrations"} | WEB_QUEUE_DB
     wrong = [(where, name) for where, name in imported_roots("core") if name in service]
     assert not wrong, wrong
+
+
+def test_the_torch_free_core_modules_load_no_torch(loaded: dict[str, set[str]]) -> None:
+    assert "core" in loaded["core-torch-free"]
+    assert not loaded["core-torch-free"] & TORCH, loaded["core-torch-free"] & TORCH
+    paths = [ROOT / (m.replace(".", "/") + ".py") for m in TORCH_FREE_CORE if m != "core"]
+    lazy = [
+        (where, name)
+        for where, name in imported_roots("core")
+        if name in TORCH and ROOT / where.split(":")[0] in paths
+    ]
+    assert not lazy, lazy
 
 
 def test_serve_and_tenant_commands_never_load_torch(loaded: dict[str, set[str]]) -> None:

@@ -7,12 +7,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, status
 
-from api.deps import CeleryDep, CurrentTenant, SessionDep, SettingsDep
-from api.schemas import JobPublic, JobsPage, ReportPublic
+from api.deps import CeleryDep, CurrentTenant, SessionDep, SettingsDep, SigningKeyDep
+from api.schemas import JobPublic, JobsPage, ReportPublic, SignaturePublic
 from api.services import jobs as job_service
 from catalog import JobKindName
 from common.models import JobStatus
+from common.signing import sign_report
 from common.specs import AuditJobCreate, PretrainJobCreate
+from core.report import AuditReport
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -94,6 +96,19 @@ def cancel_job(job_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) ->
 
 
 @router.get("/{job_id}/report")
-def get_report(job_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -> ReportPublic:
+def get_report(
+    job_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant, key: SigningKeyDep
+) -> ReportPublic:
+    """The audit's report, with the deployment's signature over its ``body``."""
     report = job_service.get_report(session=session, tenant=tenant, job_id=job_id)
-    return ReportPublic.model_validate(report)
+    body = AuditReport.model_validate(report.body)
+    # Signed as served: the body's JSON form is what the client holds and checks.
+    signature = sign_report(body.model_dump(mode="json"), key)
+    return ReportPublic(
+        id=report.id,
+        job_id=report.job_id,
+        model_id=report.model_id,
+        created_at=report.created_at,
+        body=body,
+        signature=SignaturePublic.model_validate(signature),
+    )

@@ -57,6 +57,10 @@ def test_compose_has_the_production_shape() -> None:
     assert "target: worker" in worker
     assert "driver: nvidia" in worker and "- gpu" in worker
     assert "condition: service_healthy" in service_block(config, "api")
+    # Production refuses to sign with a key it made itself: the API is given one.
+    assert "BULWARK_SIGNING_KEY_FILE: /run/secrets/bulwark-signing-key" in service_block(
+        config, "api"
+    )
 
 
 def test_compose_refuses_to_run_without_a_database_password() -> None:

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from common.models import StoredModel
 from common.queue import make_celery, task_name
+from common.signing import read_public_key, verify_report
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
@@ -78,6 +79,9 @@ def test_pretrain_then_audit_over_http(client, make_tenant, start_worker, clean_
         assert result["instances"] == 2 and 0 <= result["asr"] <= 1
         assert result["max_linf"] <= 25.5 / 255 + 1e-6
     assert len(report["body"]["stored_artifacts"]) == 6  # .npz and .png per attack
+    # A real worker's report, as served, checks against the deployment's public key.
+    public_key = read_public_key(client.get("/.well-known/bulwark-signing-key").text)
+    assert verify_report(report["body"], report["signature"], public_key)
     card = client.get(f"/v1/models/{model_id}/card", headers=tenant.headers).text
     assert "| FC |" in card and "| CP |" in card and "| BP |" in card
     assert "Training recipe" in card and "defense: none" in card
