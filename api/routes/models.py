@@ -168,12 +168,25 @@ def attachment(filename: str) -> str:
     return f'attachment; filename="{filename}"'
 
 
-@router.get("/{model_id}/card", response_class=PlainTextResponse)
-def model_card(
-    model_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant
-) -> PlainTextResponse:
-    """A markdown model card: provenance, training recipe and, once audited, the ASR table."""
+class MarkdownResponse(PlainTextResponse):
+    """Markdown text; Starlette adds ``charset=utf-8`` to ``text/*`` media types."""
+
+    media_type = "text/markdown"
+
+
+@router.get(
+    "/{model_id}/card",
+    response_class=MarkdownResponse,
+    responses={
+        200: {
+            "description": "A Hugging Face model card: YAML front matter and markdown",
+            "content": {"text/markdown": {"schema": {"type": "string"}}},
+        }
+    },
+)
+def model_card(model_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -> MarkdownResponse:
+    """A Hugging Face model card: YAML front matter (license, tags, datasets and a
+    ``model-index`` entry per audit) and a markdown body with provenance, the training recipe
+    and every audit's protocol, ASR table and verdict."""
     model = model_service.get_model(session=session, tenant=tenant, model_id=model_id)
-    return PlainTextResponse(
-        model_service.model_card(session=session, model=model), media_type="text/markdown"
-    )
+    return MarkdownResponse(model_service.model_card(session=session, model=model))

@@ -13,6 +13,7 @@ from celery import Celery
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from api import yaml_text
 from api.errors import (
     InvalidFieldError,
     NotFoundError,
@@ -35,7 +36,7 @@ from common.models import Job, ModelSource, Report, StoredModel, Tenant
 from common.settings import Settings
 from common.specs import ImportJobSpec
 from core.archives import ArchiveError, ArchiveLimits, inspect_archive
-from core.report import read_report, render_asr_table
+from core.report import AuditReport, percent, read_report, render_asr_table
 
 TORCH_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive holding data.pkl
 ONNX_UNSUPPORTED = (
@@ -422,8 +423,104 @@ def weights_stream(*, store: ArtifactStore, model: StoredModel) -> tuple[Iterato
     return chunks(), size
 
 
+CARD_LICENSE = "other"  # where the model's manifest names none
+CARD_TAGS = ("bulwark", "clean-label-poisoning-audit")
+CARD_TASK = {"type": "image-classification", "name": "clean-label poisoning audit"}
+PROTOCOL_CAVEAT = (
+    "Absolute ASR depends on the protocol (the class pairs, the targets drawn, the model's "
+    "pre-training data and the re-training data): read it next to a reference audit of an "
+    "undefended model of the same architecture on the same data and instances. This card "
+    "carries no reference audit."
+)
+
+
 def model_card(*, session: Session, model: StoredModel) -> str:
-    """A markdown model card: provenance, recipe, and the ASR table of every audit."""
+    """A Hugging Face model card: YAML front matter (license, tags, datasets, ``model-index``
+    with one entry per audit) and a markdown body (provenance, recipe, every audit's protocol,
+    ASR table and verdict)."""
+    reports = [
+        (row, read_report(row.body))
+        for row in session.scalars(
+            select(Report).where(Report.model_id == model.id).order_by(Report.created_at)
+        ).all()
+    ]
+    front = yaml_text.dump(_card_metadata(model, [r for _, r in reports]))
+    return f"---\n{front}---\n\n{_card_body(model, reports)}"
+
+
+def _defense(model: StoredModel, reports: list[AuditReport]) -> str | None:
+    manifest = model.manifest
+    config = manifest.get("config") or {}
+    for defense in (manifest.get("defense"), config.get("defense")):
+        if defense:
+            return str(defense)
+    return next((r.model.defense for r in reports if r.model.defense), None)
+
+
+def _card_metadata(model: StoredModel, reports: list[AuditReport]) -> dict[str, Any]:
+    manifest = model.manifest
+    config = manifest.get("config") or {}
+    tags = [*CARD_TAGS, model.arch]
+    defense = _defense(model, reports)
+    if defense:
+        tags.append("undefended" if defense == "none" else defense)
+    datasets: list[str] = []
+    for name in (
+        manifest.get("dataset"),
+        config.get("dataset"),
+        *(r.dataset.name for r in reports),
+    ):
+        if name and str(name) not in datasets:
+            datasets.append(str(name))
+    metadata: dict[str, Any] = {
+        "license": str(manifest.get("license") or CARD_LICENSE),
+        "tags": list(dict.fromkeys(tags)),
+    }
+    if datasets:
+        metadata["datasets"] = datasets
+    if reports:
+        metadata["model-index"] = [
+            {"name": model.name, "results": [_card_result(report)]} for report in reports
+        ]
+    return metadata
+
+
+def _rate(value: float, digits: int = 1) -> float:
+    """A rate in [0, 1] as a percent, rounded."""
+    return round(100 * value, digits)
+
+
+def _card_result(report: AuditReport) -> dict[str, Any]:
+    metrics: list[dict[str, Any]] = []
+    for name, result in report.attacks.items():
+        label = name.upper()
+        metrics += [
+            {"type": "attack-success-rate", "name": f"{label} ASR", "value": _rate(result.asr)},
+            {
+                "type": "baseline-success-rate",
+                "name": f"{label} baseline (unperturbed bases)",
+                "value": _rate(result.baseline.rate),
+            },
+            {
+                "type": "accuracy",
+                "name": f"{label} Re. Acc",
+                "value": _rate(result.re_acc.mean, 2),
+            },
+        ]
+    if report.pre_acc is not None:
+        metrics.append({"type": "accuracy", "name": "Pre. Acc", "value": _rate(report.pre_acc, 2)})
+    if report.verdict is not None:
+        metrics.append(
+            {"type": "verdict", "name": "Policy verdict", "value": report.verdict.outcome}
+        )
+    return {
+        "task": dict(CARD_TASK),
+        "dataset": {"name": report.dataset.name, "type": report.dataset.name},
+        "metrics": metrics,
+    }
+
+
+def _card_body(model: StoredModel, reports: list[tuple[Report, AuditReport]]) -> str:
     manifest = model.manifest
     lines = [
         f"# {model.name}",
@@ -463,13 +560,61 @@ def model_card(*, session: Session, model: StoredModel) -> str:
             )
         if manifest.get("pre_acc") is not None:
             lines.append(f"- Pre. Acc (clean test accuracy): {manifest['pre_acc']:.4f}")
-    reports = session.scalars(
-        select(Report).where(Report.model_id == model.id).order_by(Report.created_at)
-    ).all()
     lines += ["", "## Clean-label poisoning audit", ""]
     if not reports:
         lines.append("Not audited yet: `POST /v1/jobs/audit` with this model id.")
-    for report in reports:
-        lines += [f"Audit job `{report.job_id}` ({report.created_at:%Y-%m-%d}):", ""]
-        lines += [render_asr_table(read_report(report.body), markdown=True), ""]
+    else:
+        lines += [PROTOCOL_CAVEAT, ""]
+    for row, report in reports:
+        lines += [f"### Audit job `{row.job_id}` ({row.created_at:%Y-%m-%d})", ""]
+        lines += _audit_protocol(report)
+        lines += ["", render_asr_table(report, markdown=True), ""]
+        if report.verdict is not None:
+            verdict = report.verdict
+            lines += [
+                f"**Verdict: {verdict.outcome.upper()}** (policy confidence "
+                f"{100 * verdict.confidence:g}%, one-sided Wilson bounds). {verdict.reason}",
+                "",
+            ]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _audit_protocol(report: AuditReport) -> list[str]:
+    """The protocol an audit ran, from its resolved config and facts."""
+    config = report.config
+    dataset = report.dataset
+    delta = config.get("delta")
+    delta_text = "?" if delta is None else f"{delta:.4f} ({255 * delta:.1f}/255)"
+    pairs = config.get("pairs") or []
+    pair_text = ", ".join(
+        f"{_class_name(dataset.classes, t)} -> {_class_name(dataset.classes, p)}" for t, p in pairs
+    )
+    lines = [
+        f"- dataset: {dataset.name} ({len(dataset.classes)} classes; re-training "
+        f"{dataset.retrain_images} images, base pool {dataset.pool_images}, evaluation "
+        f"{dataset.eval_images})",
+        f"- pairs (target -> poison class): {pair_text or '?'}; "
+        f"{config.get('targets_per_pair', '?')} targets per pair, "
+        f"{len(report.instances)} instances, seed {report.seed}",
+        f"- attack: {config.get('iterations', '?')} iterations, l-inf budget delta {delta_text}",
+        "- poisons per instance: "
+        + (", ".join(f"{n.upper()} {r.poisons_per_instance}" for n, r in report.attacks.items())),
+        f"- re-training ({report.head_init} head): {config.get('retrain_epochs', '?')} epochs, "
+        f"lr {config.get('retrain_lr', '?')} (x{config.get('retrain_gamma', '?')} after epochs "
+        f"{list(config.get('retrain_milestones') or [])}), batch size "
+        f"{config.get('retrain_batch_size', '?')}",
+    ]
+    if report.pre_acc is not None:
+        lines.append(
+            f"- Pre. Acc (clean test accuracy, {report.pre_acc_source or '?'}): "
+            f"{percent(report.pre_acc, 2)}"
+        )
+    if report.screen is None:
+        lines.append("- Eq. 4 feature screen: not run")
+    return lines
+
+
+def _class_name(classes: list[str], index: Any) -> str:
+    if isinstance(index, int) and 0 <= index < len(classes):
+        return f"{index} ({classes[index]})"
+    return str(index)
