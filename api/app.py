@@ -8,7 +8,7 @@ from fastapi import FastAPI
 
 from api.deps import SigningKeySource
 from api.errors import install_error_handlers
-from api.routes import datasets, health, jobs, models, signing
+from api.routes import datasets, health, jobs, models, report_pages, signing
 from common.artifacts import make_artifact_store
 from common.db import make_engine, make_session_factory
 from common.queue import make_celery
@@ -43,6 +43,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings)
     app.state.signing_key = signing_key
     install_error_handlers(app)
-    for router in (health.router, signing.router, models.router, datasets.router, jobs.router):
+    for router in (
+        health.router,
+        signing.router,
+        models.router,
+        datasets.router,
+        jobs.router,
+        report_pages.router,
+    ):
         app.include_router(router)
     return app

@@ -41,11 +41,12 @@ import torch
 from core.attacks import AttackContext, CraftResult, StepCallback, attack_class
 from core.checkpoint import library_versions, load_extractor
 from core.config import AuditConfig
-from core.data import ImageDataset, Split, encode_png, split_dataset, to_float
+from core.data import ImageDataset, Split, split_dataset, to_float
 from core.datasets import load_dataset
 from core.device import autocast, resolve_device, resolve_precision, uses_channels_last
 from core.errors import BulwarkError, ErrorKind
 from core.models import FeatureClassifier, FoldedBatchNorm
+from core.pictures import poison_grid_png
 from core.progress import Progress, ProgressCallback, ignore_progress
 from core.report import (
     AttackResult,
@@ -652,6 +653,7 @@ def run_audit(
                 crafted,
                 features.bases[:, :k],
                 features.targets,
+                [row.success for row in sorted(results[name].rows, key=lambda r: r.instance)],
             )
 
     timings["total"] = time.perf_counter() - started
@@ -757,8 +759,10 @@ def _save_poisons(
     crafted: CraftResult,
     bases: torch.Tensor,
     targets: torch.Tensor,
+    successes: Sequence[bool],
 ) -> None:
-    """``<name>.npz`` (exact float32 poisons) and ``<name>.png`` (base | poison ... | target)."""
+    """``<name>.npz`` (exact float32 poisons) and ``<name>.png``: a labelled grid, one row per
+    instance (base | poison ... | target, ``core.pictures``), ``successes`` per instance."""
     out_dir.mkdir(parents=True, exist_ok=True)
     poisons = crafted.poisons.cpu()
     targets_uint8 = (targets.cpu() * 255).round().to(torch.uint8)
@@ -772,21 +776,22 @@ def _save_poisons(
         poison_classes=np.array([inst.poison_class for inst in instances]),
         target_classes=np.array([inst.target_class for inst in instances]),
     )
-    poisons_uint8 = (poisons * 255).round().to(torch.uint8)
-    rows = []
-    for i in range(len(instances)):
+    poisons_uint8 = (poisons * 255).round().to(torch.uint8).numpy()
+    bases_uint8, targets_array = bases.cpu().numpy(), targets_uint8.numpy()
+    rows, labels = [], []
+    for i, inst in enumerate(instances):
         tiles = []
         for j in range(poisons.shape[1]):
-            tiles += [bases[i, j].cpu(), poisons_uint8[i, j]]
-        tiles.append(targets_uint8[i])
-        rows.append(_pad_row(tiles))
-    grid = torch.cat(rows, dim=1)
-    (out_dir / f"{name}.png").write_bytes(encode_png(grid))
-
-
-def _pad_row(tiles: list[torch.Tensor], gap: int = 2) -> torch.Tensor:
-    """Tiles (C, H, W) side by side with a white gap after each, and one below the row."""
-    channels, height, _ = tiles[0].shape
-    white = torch.full((channels, height, gap), 255, dtype=torch.uint8)
-    row = torch.cat([t for tile in tiles for t in (tile, white)], dim=2)
-    return torch.cat([row, torch.full((channels, gap, row.shape[2]), 255, dtype=torch.uint8)], 1)
+            tiles += [bases_uint8[i, j], poisons_uint8[i, j]]
+        tiles.append(targets_array[i])
+        rows.append(tiles)
+        outcome = "success" if successes[i] else "failed"
+        labels.append(f"{inst.target_class} -> {inst.poison_class}, {outcome}")
+    columns = [f"{kind} {j + 1}" for j in range(poisons.shape[1]) for kind in ("base", "poison")]
+    png = poison_grid_png(
+        rows,
+        column_labels=[*columns, "target"],
+        row_labels=labels,
+        row_success=list(successes),
+    )
+    (out_dir / f"{name}.png").write_bytes(png)

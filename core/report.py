@@ -211,6 +211,16 @@ def asr_rows(report: AuditReport) -> list[tuple[str, ...]]:
     ]
 
 
+def protocol_line(report: AuditReport) -> str:
+    """'40 instances over pairs [[1, 2]], delta 0.0314, ...': how the numbers were measured."""
+    config = report.config
+    return (
+        f"{len(report.instances)} instances over pairs {config.get('pairs')}, delta "
+        f"{config.get('delta', 0):.4f}, {config.get('iterations')} iterations, head "
+        f"re-trained {config.get('retrain_epochs')} epochs ({report.head_init} head)"
+    )
+
+
 def render_asr_table(report: AuditReport, *, markdown: bool = False) -> str:
     """The report's summary: the model line, the ASR table, the screen and the protocol.
 
@@ -218,12 +228,7 @@ def render_asr_table(report: AuditReport, *, markdown: bool = False) -> str:
     """
     model = report.model
     pre_acc = "?" if report.pre_acc is None else percent(report.pre_acc, 2)
-    config = report.config
-    protocol = (
-        f"{len(report.instances)} instances over pairs {config.get('pairs')}, delta "
-        f"{config.get('delta', 0):.4f}, {config.get('iterations')} iterations, head "
-        f"re-trained {config.get('retrain_epochs')} epochs ({report.head_init} head)"
-    )
+    protocol = protocol_line(report)
     head = (
         f"model {model.path} ({model.arch}, defense {model.defense or '?'}), "
         f"Pre. Acc {pre_acc}; dataset {report.dataset.name}"

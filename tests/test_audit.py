@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from pydantic import ValidationError
 
 from catalog import DATASETS
@@ -27,6 +28,7 @@ from core.checkpoint import save_extractor
 from core.config import AuditConfig
 from core.data import split_dataset
 from core.datasets import load_dataset
+from core.pictures import MIN_TILE
 from core.report import SCHEMA_VERSION, AuditReport, read_report
 from core.verdict import wilson_interval
 
@@ -197,6 +199,10 @@ def test_report_has_what_the_issue_lists(digits_checkpoint, digits, tmp_path):
     for name, k in (("fc", 1), ("bp", 3)):
         result = report["attacks"][name]
         assert result["instances"] == 6 and len(result["rows"]) == 6
+        # The grid: base | poison per poison, then the target, each tile at least 96 px, a
+        # header row and a label left of each instance's row.
+        grid = Image.open(tmp_path / f"{name}.png")
+        assert grid.width > (2 * k + 1) * MIN_TILE and grid.height > 6 * MIN_TILE
         assert result["asr"] == result["successes"] / 6
         low, high = result["asr_wilson95"]
         assert low <= result["asr"] <= high

@@ -35,6 +35,7 @@ TORCH_FREE_CORE = (
     "core.progress",
     "core.archives",
     "core.verdict",
+    "core.report_page",
 )
 
 

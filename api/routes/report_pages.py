@@ -1,0 +1,49 @@
+"""/v1/jobs/{job_id}: a finished audit's report as an HTML page and as pictures."""
+
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Response
+from fastapi.responses import HTMLResponse
+
+from api.deps import CurrentTenant, SessionDep, StoreDep
+from api.services import pages
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.get("/{job_id}/report.html", response_class=HTMLResponse)
+def report_page(
+    job_id: uuid.UUID, session: SessionDep, store: StoreDep, tenant: CurrentTenant
+) -> HTMLResponse:
+    """The report as one self-contained HTML page: the numbers, the ASR chart, and the poison
+    grids inlined as ``data:`` URIs (the page works saved, without the key)."""
+    html = pages.report_html(session=session, store=store, tenant=tenant, job_id=job_id)
+    return HTMLResponse(html)
+
+
+@router.get(
+    "/{job_id}/pictures/asr.svg",
+    response_class=Response,
+    responses={200: {"content": {"image/svg+xml": {}}}},
+)
+def asr_chart(job_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -> Response:
+    """One bar per attack with its 95% Wilson interval, the baseline rate as a marker."""
+    svg = pages.asr_svg(session=session, tenant=tenant, job_id=job_id)
+    return Response(svg, media_type="image/svg+xml")
+
+
+@router.get(
+    "/{job_id}/pictures/{attack}.png",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}}},
+)
+def poison_grid(
+    job_id: uuid.UUID, attack: str, session: SessionDep, store: StoreDep, tenant: CurrentTenant
+) -> Response:
+    """The attack's poison grid as stored: base | poison ... | target, one row per instance."""
+    png = pages.poison_png(
+        session=session, store=store, tenant=tenant, job_id=job_id, attack=attack
+    )
+    return Response(png, media_type="image/png")

@@ -1,0 +1,195 @@
+"""A finished audit's HTML report page and pictures over HTTP, tenant-isolated."""
+
+from __future__ import annotations
+
+import base64
+import io
+import uuid
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from sqlalchemy.orm import Session
+
+from common.models import Report, StoredModel
+from core.pictures import poison_grid_png
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def grid_png() -> bytes:
+    tiles = [[np.full((1, 8, 8), shade, dtype=np.uint8) for shade in (0, 128, 255)]]
+    return poison_grid_png(
+        tiles,
+        column_labels=["base 1", "poison 1", "target"],
+        row_labels=["1 -> 2, success"],
+        row_success=[True],
+    )
+
+
+def attack(name: str, asr: float) -> dict[str, Any]:
+    mean_std = {"mean": 0.93, "std": 0.01}
+    return {
+        "attack": name,
+        "poisons_per_instance": 1,
+        "instances": 2,
+        "successes": round(2 * asr),
+        "asr": asr,
+        "asr_wilson95": [0.0945, 0.9055],
+        "baseline": {"successes": 0, "rate": 0.0, "wilson95": [0.0, 0.658], "re_acc": mean_std},
+        "re_acc": mean_std,
+        "feature_distance": {"mean": 1.25, "std": 0.0},
+        "relative_feature_distance": {"mean": 0.125, "std": 0.0},
+        "max_linf": 0.0313725,
+        "seconds": {"craft": 1.5},
+        "rows": [],
+    }
+
+
+def add_finished_audit(db: Any, client: Any, tenant: Any, store: Any, tmp_path: Path) -> str:
+    """An audit job, its report row and its stored poison grids, as the worker leaves them."""
+    with Session(db) as session:
+        model = StoredModel(
+            tenant_id=tenant.id,
+            name="m",
+            source="pretrain",
+            arch="convnet",
+            num_classes=10,
+            in_channels=1,
+            feature_dim=128,
+            manifest={"input_shape": [1, 8, 8]},
+            sha256="0" * 64,
+            size_bytes=1,
+            weights_key="models/x/model.safetensors",
+        )
+        session.add(model)
+        session.commit()
+        model_id = model.id
+    job = client.post(
+        "/v1/jobs/audit",
+        headers=tenant.headers,
+        json={"model_id": str(model_id), "dataset": "digits"},
+    )
+    assert job.status_code == 202, job.text
+    job_id = job.json()["id"]
+    stored = []
+    for name in ("fc", "cp"):
+        key = f"reports/{job_id}/poisons/{name}.png"
+        source = tmp_path / f"{name}.png"
+        source.write_bytes(grid_png())
+        store.put_file(key, source)
+        stored.append(key)
+    body = {
+        "created_at": "2026-01-02T03:04:05+00:00",
+        "model": {
+            "path": f"/v1/models/{model_id}",
+            "arch": "convnet",
+            "feature_dim": 128,
+            "num_classes": 10,
+            "defense": "none",
+            "trained_on": "digits <script>",
+            "weights_sha256": "0" * 64,
+        },
+        "dataset": {
+            "name": "digits",
+            "classes": [str(c) for c in range(10)],
+            "split": {"train": 1437, "test": 360},
+            "retrain_images": 200,
+            "pool_images": 1000,
+            "eval_images": 360,
+        },
+        "pre_acc": 0.97,
+        "pre_acc_source": "measured",
+        "head_init": "pretrained",
+        "config": {"model": f"/v1/models/{model_id}", "pairs": [[1, 2]], "delta": 8 / 255},
+        "seed": 0,
+        "device": "cpu",
+        "precision": "fp32",
+        "instances": [],
+        "attacks": {"fc": attack("fc", 0.5), "cp": attack("cp", 1.0), "bp": attack("bp", 0.0)},
+        "screen": None,
+        "timings": {"total": 2.0},
+        "versions": {},
+        "stored_artifacts": stored,  # bp has no picture
+    }
+    with Session(db) as session:
+        session.add(
+            Report(tenant_id=tenant.id, job_id=uuid.UUID(job_id), model_id=model_id, body=body)
+        )
+        session.commit()
+    return job_id
+
+
+def test_the_report_page_and_pictures_are_served_to_their_tenant_only(
+    client, app, make_tenant, clean_db, tmp_path: Path
+) -> None:
+    owner, other = make_tenant("owner"), make_tenant("other")
+    job_id = add_finished_audit(clean_db, client, owner, app.state.store, tmp_path)
+    base = f"/v1/jobs/{job_id}"
+
+    page = client.get(f"{base}/report.html", headers=owner.headers)
+    assert page.status_code == 200, page.text
+    assert page.headers["content-type"].startswith("text/html")
+    html = page.text
+    assert "<script>" not in html and "digits &lt;script&gt;" in html
+    assert html.count("data:image/png;base64,") == 2 and "no poison picture stored" in html
+    inlined = html.split("data:image/png;base64,", 1)[1].split('"', 1)[0]
+    assert base64.b64decode(inlined) == grid_png()
+    assert "50.0% (1/2)" in html and "97.00%" in html and "<svg" in html
+
+    chart = client.get(f"{base}/pictures/asr.svg", headers=owner.headers)
+    assert chart.status_code == 200 and chart.headers["content-type"] == "image/svg+xml"
+    root = ElementTree.fromstring(chart.text)
+    bars = [r for r in root.iter("{http://www.w3.org/2000/svg}rect") if r.get("class") == "bar"]
+    assert len(bars) == 3
+
+    picture = client.get(f"{base}/pictures/fc.png", headers=owner.headers)
+    assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
+    assert picture.content.startswith(PNG_MAGIC) and picture.content == grid_png()
+    assert Image.open(io.BytesIO(picture.content)).width >= 3 * 96
+
+    for missing in ("bp", "nope", "..%2Ffc"):
+        response = client.get(f"{base}/pictures/{missing}.png", headers=owner.headers)
+        assert response.status_code == 404, (missing, response.text)
+
+    for path in ("report.html", "pictures/asr.svg", "pictures/fc.png"):
+        response = client.get(f"{base}/{path}", headers=other.headers)
+        assert response.status_code == 404, (path, response.text)
+        assert client.get(f"{base}/{path}").status_code == 401
+
+
+def test_an_unfinished_audit_has_no_page_and_a_pretraining_job_none_at_all(
+    client, make_tenant, clean_db
+) -> None:
+    tenant = make_tenant("a")
+    with Session(clean_db) as session:
+        model = StoredModel(
+            tenant_id=tenant.id,
+            name="m",
+            source="pretrain",
+            arch="convnet",
+            num_classes=10,
+            in_channels=1,
+            feature_dim=128,
+            manifest={"input_shape": [1, 8, 8]},
+            sha256="0" * 64,
+            size_bytes=1,
+            weights_key="models/x/model.safetensors",
+        )
+        session.add(model)
+        session.commit()
+        model_id = str(model.id)
+    audit = client.post(
+        "/v1/jobs/audit", headers=tenant.headers, json={"model_id": model_id, "dataset": "digits"}
+    ).json()["id"]
+    pretrain = client.post(
+        "/v1/jobs/pretrain",
+        headers=tenant.headers,
+        json={"dataset": "digits", "arch": "convnet", "defense": "none", "recipe": "quick"},
+    ).json()["id"]
+    for path in ("report.html", "pictures/asr.svg", "pictures/fc.png"):
+        queued = client.get(f"/v1/jobs/{audit}/{path}", headers=tenant.headers)
+        assert queued.status_code == 409 and queued.json()["status"] == "queued", queued.text
+        assert client.get(f"/v1/jobs/{pretrain}/{path}", headers=tenant.headers).status_code == 404
