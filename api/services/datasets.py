@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 
 from celery import Celery
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.errors import BrokerUnavailableError, ConflictError, InvalidFieldError, NotFoundError
@@ -21,7 +21,6 @@ from api.services import jobs as job_service
 from api.uploads import ReceivedUpload
 from catalog import DATASET_FORMATS, infer_format
 from common.artifacts import ArtifactStore, dataset_data_key, dataset_upload_key
-from common.db import rows_matched
 from common.models import DatasetStatus, Job, JobStatus, Tenant, TenantDataset, utcnow
 from common.settings import Settings
 from common.specs import DatasetImportSpec
@@ -212,34 +211,11 @@ def delete_dataset(
             job_ids=[str(job.id) for job in readers],
         )
     if dataset.status == DatasetStatus.PENDING and dataset.job_id is not None:
-        _cancel_dataset_job(session, dataset.job_id)
+        # The job reading it ends at once if queued, at its next step if running.
+        job_service.request_cancel(
+            session, dataset.job_id, message="cancelled: its dataset was deleted"
+        )
     dataset.deleted_at = utcnow()
     session.commit()
     for key in (dataset_data_key(dataset.id), dataset_upload_key(dataset.id)):
         store.delete(key)
-
-
-def _cancel_dataset_job(session: Session, job_id: uuid.UUID) -> None:
-    """Cancel the job reading a dataset that is being deleted (conditional updates, as in
-    ``jobs.cancel_job``): a queued job ends at once, a running one is flagged."""
-    now = utcnow()
-    cancelled = rows_matched(
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
-            .values(
-                status=JobStatus.CANCELLED,
-                phase="cancelled",
-                finished_at=now,
-                cancel_requested=True,
-                message="cancelled: its dataset was deleted",
-                updated_at=now,
-            )
-        )
-    )
-    if not cancelled:
-        session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
-            .values(cancel_requested=True, updated_at=now)
-        )

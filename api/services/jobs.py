@@ -405,35 +405,44 @@ def cancel_job(*, session: Session, tenant: Tenant, job_id: uuid.UUID) -> Job:
             f"job {job.id} reads dataset {job.spec.get('dataset_id')}; delete the dataset "
             "(DELETE /v1/datasets/{id}) to stop it"
         )
+    if not request_cancel(session, job.id, message="cancelled before it started"):
+        session.rollback()
+        raise ConflictError(f"job {job.id} already {job.status.value}; nothing to cancel")
+    session.commit()
+    session.refresh(job)
+    return job
+
+
+def request_cancel(session: Session, job_id: uuid.UUID, *, message: str) -> bool:
+    """Cancel a queued job at once (with ``message``), or flag a running one so that its worker
+    stops at the next progress step; False when the job is neither. Conditional updates, so a
+    worker that starts the job at the same moment cannot be missed. The caller commits."""
     now = utcnow()
     cancelled_queued = rows_matched(
         session.execute(
             update(Job)
-            .where(Job.id == job.id, Job.status == JobStatus.QUEUED)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED)
             .values(
                 status=JobStatus.CANCELLED,
                 phase="cancelled",
                 finished_at=now,
                 cancel_requested=True,
-                message="cancelled before it started",
+                message=message,
                 updated_at=now,
             )
         )
     )
-    if not cancelled_queued:
-        flagged = rows_matched(
+    if cancelled_queued:
+        return True
+    return bool(
+        rows_matched(
             session.execute(
                 update(Job)
-                .where(Job.id == job.id, Job.status == JobStatus.RUNNING)
+                .where(Job.id == job_id, Job.status == JobStatus.RUNNING)
                 .values(cancel_requested=True, updated_at=now)
             )
         )
-        if not flagged:
-            session.rollback()
-            raise ConflictError(f"job {job.id} already {job.status.value}; nothing to cancel")
-    session.commit()
-    session.refresh(job)
-    return job
+    )
 
 
 def get_report(*, session: Session, tenant: Tenant, job_id: uuid.UUID) -> Report:
