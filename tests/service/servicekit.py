@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from common.db import make_engine
 from common.settings import Settings
@@ -133,3 +133,29 @@ def wait_for(
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def add_model_row(db: Engine, tenant_id: uuid.UUID, **fields: Any) -> uuid.UUID:
+    """A digits ConvNet's model row, as a finished pre-training job writes it (no file behind
+    it: for tests of what the API does with rows). ``fields`` override the columns."""
+    from sqlalchemy.orm import Session
+
+    from common.models import StoredModel
+
+    columns: dict[str, Any] = {
+        "name": "m",
+        "source": "pretrain",
+        "arch": "convnet",
+        "num_classes": 10,
+        "in_channels": 1,
+        "feature_dim": 128,
+        "manifest": {"input_shape": [1, 8, 8]},
+        "sha256": "0" * 64,
+        "size_bytes": 1,
+        "weights_key": "models/x/model.safetensors",
+    }
+    with Session(db) as session:
+        model = StoredModel(tenant_id=tenant_id, **(columns | fields))
+        session.add(model)
+        session.commit()
+        return model.id

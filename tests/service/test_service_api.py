@@ -8,11 +8,12 @@ import uuid
 from typing import Any
 
 import pytest
+from servicekit import add_model_row
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from catalog import ARCHS, JOB_KINDS
-from common.models import Job, JobStatus, StoredModel
+from common.models import Job, JobStatus
 from common.queue import task_name
 
 PRETRAIN = {
@@ -36,23 +37,7 @@ def count(db, model) -> int:  # type: ignore[no-untyped-def]
 
 def add_model(db, tenant_id: uuid.UUID) -> uuid.UUID:  # type: ignore[no-untyped-def]
     """A model row, as a finished pre-training job would write it."""
-    with Session(db) as session:
-        model = StoredModel(
-            tenant_id=tenant_id,
-            name="m",
-            source="pretrain",
-            arch="convnet",
-            num_classes=10,
-            in_channels=1,
-            feature_dim=128,
-            manifest={"input_shape": [1, 8, 8]},
-            sha256="0" * 64,
-            size_bytes=1,
-            weights_key="models/x/model.safetensors",
-        )
-        session.add(model)
-        session.commit()
-        return model.id
+    return add_model_row(db, tenant_id)
 
 
 ROUTES = [

@@ -15,12 +15,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from servicekit import wait_for
+from servicekit import add_model_row, wait_for
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from common.artifacts import dataset_data_key
-from common.models import DatasetStatus, Job, JobStatus, StoredModel, TenantDataset
+from common.models import DatasetStatus, Job, JobStatus, TenantDataset
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
 DIGITS_SPLIT = {"pretrain": 100, "retrain": 10, "pool": 25}
@@ -198,23 +198,7 @@ def add_dataset(db, tenant_id: uuid.UUID, **facts: Any) -> uuid.UUID:  # type: i
 
 
 def add_model(db, tenant_id: uuid.UUID) -> uuid.UUID:  # type: ignore[no-untyped-def]
-    with Session(db) as session:
-        model = StoredModel(
-            tenant_id=tenant_id,
-            name="m",
-            source="pretrain",
-            arch="convnet",
-            num_classes=10,
-            in_channels=1,
-            feature_dim=128,
-            manifest={"input_shape": [1, 8, 8]},
-            sha256="0" * 64,
-            size_bytes=1,
-            weights_key="models/x/model.safetensors",
-        )
-        session.add(model)
-        session.commit()
-        return model.id
+    return add_model_row(db, tenant_id)
 
 
 # ---- the API side: container checks, tenancy, life cycle ------------------------------------

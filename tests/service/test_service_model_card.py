@@ -7,10 +7,11 @@ import uuid
 from typing import Any
 
 import yaml
+from servicekit import add_model_row
 from sqlalchemy.orm import Session
 
 from catalog.policy import Policy
-from common.models import Report, StoredModel
+from common.models import Report
 from core.report import (
     AttackResult,
     AuditReport,
@@ -116,23 +117,12 @@ def audit_report(model_id: uuid.UUID) -> AuditReport:
 
 
 def add_model(db: Any, tenant: Any, **manifest: Any) -> uuid.UUID:
-    with Session(db) as session:
-        model = StoredModel(
-            tenant_id=tenant.id,
-            name='digits "convnet": v1',  # needs quoting in YAML
-            source="pretrain",
-            arch="convnet",
-            num_classes=10,
-            in_channels=1,
-            feature_dim=128,
-            manifest={"input_shape": [1, 8, 8], "config": CONFIG, **manifest},
-            sha256="0" * 64,
-            size_bytes=1,
-            weights_key="models/x/model.safetensors",
-        )
-        session.add(model)
-        session.commit()
-        return model.id
+    return add_model_row(
+        db,
+        tenant.id,
+        name='digits "convnet": v1',  # needs quoting in YAML
+        manifest={"input_shape": [1, 8, 8], "config": CONFIG, **manifest},
+    )
 
 
 def front_matter(card: str) -> dict[str, Any]:

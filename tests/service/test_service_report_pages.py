@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from servicekit import add_model_row
 from sqlalchemy.orm import Session
 
-from common.models import Report, StoredModel
+from common.models import Report
 from core.pictures import poison_grid_png
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -50,23 +51,7 @@ def attack(name: str, asr: float) -> dict[str, Any]:
 
 def add_finished_audit(db: Any, client: Any, tenant: Any, store: Any, tmp_path: Path) -> str:
     """An audit job, its report row and its stored poison grids, as the worker leaves them."""
-    with Session(db) as session:
-        model = StoredModel(
-            tenant_id=tenant.id,
-            name="m",
-            source="pretrain",
-            arch="convnet",
-            num_classes=10,
-            in_channels=1,
-            feature_dim=128,
-            manifest={"input_shape": [1, 8, 8]},
-            sha256="0" * 64,
-            size_bytes=1,
-            weights_key="models/x/model.safetensors",
-        )
-        session.add(model)
-        session.commit()
-        model_id = model.id
+    model_id = add_model_row(db, tenant.id)
     job = client.post(
         "/v1/jobs/audit",
         headers=tenant.headers,
@@ -164,23 +149,7 @@ def test_an_unfinished_audit_has_no_page_and_a_pretraining_job_none_at_all(
     client, make_tenant, clean_db
 ) -> None:
     tenant = make_tenant("a")
-    with Session(clean_db) as session:
-        model = StoredModel(
-            tenant_id=tenant.id,
-            name="m",
-            source="pretrain",
-            arch="convnet",
-            num_classes=10,
-            in_channels=1,
-            feature_dim=128,
-            manifest={"input_shape": [1, 8, 8]},
-            sha256="0" * 64,
-            size_bytes=1,
-            weights_key="models/x/model.safetensors",
-        )
-        session.add(model)
-        session.commit()
-        model_id = str(model.id)
+    model_id = str(add_model_row(clean_db, tenant.id))
     audit = client.post(
         "/v1/jobs/audit", headers=tenant.headers, json={"model_id": model_id, "dataset": "digits"}
     ).json()["id"]

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from servicekit import add_model_row
 from sqlalchemy.orm import Session
 
 from bulwark.cli import main
-from common.models import Report, StoredModel
+from common.models import Report
 from common.signing import SigningKeyError
 
 
@@ -100,23 +101,7 @@ def report_body(model_id: uuid.UUID) -> dict[str, Any]:
 
 def add_report(db: Any, client: Any, tenant: Any) -> str:
     """An audit job of ``tenant`` (submitted over HTTP) and its report row, as a worker writes."""
-    with Session(db) as session:
-        model = StoredModel(
-            tenant_id=tenant.id,
-            name="m",
-            source="pretrain",
-            arch="convnet",
-            num_classes=10,
-            in_channels=1,
-            feature_dim=128,
-            manifest={"input_shape": [1, 8, 8]},
-            sha256="0" * 64,
-            size_bytes=1,
-            weights_key="models/x/model.safetensors",
-        )
-        session.add(model)
-        session.commit()
-        model_id = model.id
+    model_id = add_model_row(db, tenant.id)
     job = client.post(
         "/v1/jobs/audit",
         headers=tenant.headers,
