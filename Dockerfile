@@ -54,5 +54,8 @@ COPY core ./core
 COPY api ./api
 COPY worker ./worker
 RUN pip install --no-cache-dir --no-deps .
+# This image converts ONNX uploads (onnx2torch with the base image's torchvision); an API
+# paired with these workers sets the same flag (docker-compose.yml).
+ENV BULWARK_ONNX_ENABLED=true
 USER 10001
 CMD ["python", "-m", "bulwark.cli", "worker", "--concurrency", "1"]

@@ -18,10 +18,16 @@ What the graph outputs (``output``), as for an exported program:
   ``nn.Linear``). That layer becomes ``head`` and the graph up to its input computes f(x).
 
 A file that does not parse or convert, keeps tensors in external files (which would be read
-from paths the file names), has other than one image input, does not run on ``input_shape``,
-or gives features that are not finite pooled vectors or not differentiable in x raises a
+from paths the file names), defines its own functions or uses operators of a custom domain or
+unknown to ONNX, has other than one image input, does not run on ``input_shape``, or gives
+features that are not finite pooled vectors or not differentiable in x raises a
 ``CheckpointError`` naming the problem. A worker without the converter raises
 ``OnnxUnavailableError``, which suggests torch.export instead.
+
+The service does not keep the converted torch.fx graph: ``export_onnx`` re-exports it with
+``torch.export`` on the declared input shape into a ``.pt2``, which the worker's import job
+then checks and stores exactly as an uploaded program (``core.exported``: the operator
+allowlist, no pickles), so an ONNX model is audited as an exported program.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from core.exported import MAX_FEATURE_DIM, ExportedBody, ExportedClassifier, Out
 from core.models import Normalize
 
 ARCH = "onnx"
+STANDARD_DOMAINS = frozenset({"", "ai.onnx"})  # the default operator set, by both its names
 PROBE_BATCH = 2  # images per probe batch, where the graph's batch sizes allow
 MAX_BATCH = 1024  # the largest chunk a graph with a dynamic batch axis is run on
 
@@ -99,28 +106,8 @@ def load_onnx(
         mean, std: per-channel pixel statistics the graph expects its input normalized by
             (pixels in [0,1]); None for a graph that takes raw [0,1] pixels.
     """
-    onnx, onnx2torch = _converter()
     path = Path(path)
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as error:  # protobuf's and onnx's errors for a file that does not parse
-        raise CheckpointError(f"{path.name} is not a readable ONNX model: {error}") from error
-    external = [
-        tensor.name
-        for tensor in _tensors(proto)
-        if onnx.external_data_helper.uses_external_data(tensor)
-    ]
-    if external:
-        raise CheckpointError(
-            f"{path.name} keeps {len(external)} tensors in external files ({external[:5]}); "
-            "upload one self-contained .onnx (onnx.save_model(model, path, "
-            "save_as_external_data=False))"
-        )
-    batch_range = _batch_range(proto, input_shape, path.name)
-    try:
-        graph = onnx2torch.convert(proto)
-    except Exception as error:  # operators onnx2torch lacks, graphs it cannot build
-        raise CheckpointError(f"{path.name} could not be converted from ONNX: {error}") from error
+    graph, batch_range = convert_onnx(path, input_shape=input_shape)
     return wrap_graph(
         graph,
         name=path.name,
@@ -129,6 +116,149 @@ def load_onnx(
         mean=mean,
         std=std,
         batch_range=batch_range,
+    )
+
+
+def convert_onnx(
+    path: str | Path, *, input_shape: Sequence[int], name: str | None = None
+) -> tuple[fx.GraphModule, tuple[int, int]]:
+    """The ONNX model at ``path`` converted by onnx2torch into a torch.fx graph (its input the
+    image batch, its output the graph's one output), and the batch sizes its input takes.
+    ``name`` names the file in messages (default: its own name).
+
+    Refused with a :class:`CheckpointError` naming the problem, before the converter sees the
+    graph: a file that does not parse or check, tensors in external files, model-local
+    functions, operators of other than the standard domain or unknown to ONNX, other than one
+    image input, static sizes that disagree with ``input_shape``; then whatever onnx2torch
+    cannot convert (its message relayed).
+    """
+    onnx, onnx2torch = _converter()
+    path = Path(path)
+    name = name or path.name
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf's and onnx's errors for a file that does not parse
+        raise CheckpointError(f"{name} is not a readable ONNX model: {error}") from error
+    external = [
+        tensor.name
+        for tensor in _tensors(proto)
+        if onnx.external_data_helper.uses_external_data(tensor)
+    ]
+    if external:
+        raise CheckpointError(
+            f"{name} keeps {len(external)} tensors in external files ({external[:5]}); "
+            "upload one self-contained .onnx (onnx.save_model(model, path, "
+            "save_as_external_data=False))"
+        )
+    check_operators(onnx, proto, name)
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as error:  # onnx.checker.ValidationError and its relatives
+        raise CheckpointError(f"{name} is not a valid ONNX model: {error}") from error
+    batch_range = _batch_range(proto, input_shape, name)
+    try:
+        graph = onnx2torch.convert(proto)
+    except Exception as error:  # operators onnx2torch lacks, graphs it cannot build
+        raise CheckpointError(f"{name} could not be converted from ONNX: {error}") from error
+    return graph, batch_range
+
+
+def check_operators(onnx: ModuleType, proto: Any, name: str) -> None:
+    """Refuse what no converter can take: model-local functions, operator sets or nodes of
+    other than the standard domain (custom operators), and operators ONNX does not define."""
+    if len(proto.functions):
+        functions = sorted({f"{f.domain}.{f.name}" for f in proto.functions})
+        raise CheckpointError(
+            f"{name} defines its own functions {functions[:5]} (custom operators); only graphs "
+            "of standard ONNX operators can be converted"
+        )
+    domains = sorted({o.domain for o in proto.opset_import} - STANDARD_DOMAINS)
+    custom = sorted(
+        {
+            f"{n.domain}::{n.op_type}"
+            for n in _nodes(proto.graph)
+            if n.domain not in STANDARD_DOMAINS
+        }
+    )
+    if domains or custom:
+        raise CheckpointError(
+            f"{name} uses custom operators ({', '.join(custom[:10] or domains)}); only the "
+            "standard ONNX operators (domain '' / 'ai.onnx') can be converted: export the model "
+            "with torch.export and upload the .pt2"
+        )
+    unknown = sorted({n.op_type for n in _nodes(proto.graph) if not onnx.defs.has(n.op_type)})
+    if unknown:
+        raise CheckpointError(f"{name} uses operators ONNX does not define: {unknown[:10]}")
+
+
+def _nodes(graph: Any) -> Iterator[Any]:
+    """Every node of an ONNX graph, those of its subgraphs (If, Loop, Scan bodies) included."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.HasField("g"):
+                yield from _nodes(attribute.g)
+            for subgraph in attribute.graphs:
+                yield from _nodes(subgraph)
+
+
+def export_onnx(
+    path: str | Path, out: str | Path, *, input_shape: Sequence[int], name: str | None = None
+) -> Path:
+    """Convert the ONNX model at ``path`` (:func:`convert_onnx`) and write it to ``out`` as a
+    ``torch.export`` program (:func:`export_graph`): what ``core.exported`` then checks and
+    loads exactly as an uploaded ``.pt2``. ``name`` names the file in messages."""
+    name = name or Path(path).name
+    graph, batch_range = convert_onnx(path, input_shape=input_shape, name=name)
+    return export_graph(graph, out, name=name, input_shape=input_shape, batch_range=batch_range)
+
+
+def export_graph(
+    graph: nn.Module,
+    out: str | Path,
+    *,
+    name: str,
+    input_shape: Sequence[int],
+    batch_range: tuple[int, int] = (1, MAX_BATCH),
+) -> Path:
+    """``torch.export.export`` of ``graph`` (in eval mode, float32, weights frozen) on images
+    of ``input_shape``, saved with ``torch.export.save`` to ``out``.
+
+    A graph whose input takes a range of batch sizes is exported with a dynamic batch axis
+    over that range; where the converted graph fixes its batch size after all (a reshape to a
+    constant batch, say), it is exported for one image at a time instead, which
+    ``core.exported`` runs image by image. A graph that cannot be exported raises a
+    :class:`CheckpointError` with torch's reason.
+    """
+    shape = tuple(int(v) for v in input_shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise CheckpointError(f"input_shape must be [channels, height, width], got {list(shape)}")
+    graph = graph.float().eval().requires_grad_(False)
+    smallest, largest = batch_range
+    generator = torch.Generator().manual_seed(0)
+    attempts: list[tuple[int, Any]] = []
+    if smallest < largest:
+        # torch.export specializes an axis whose example size is 0 or 1: show it 2 images.
+        batch = torch.export.Dim("batch", min=smallest, max=largest)
+        attempts.append((max(2, smallest), ({0: batch},)))
+    attempts.append((smallest, None))
+    failures = []
+    for size, dynamic_shapes in attempts:
+        example = torch.rand(size, *shape, generator=generator)
+        try:
+            program = torch.export.export(
+                graph, (example,), dynamic_shapes=dynamic_shapes, strict=False
+            )
+        except Exception as error:  # torch's export errors have no common base class
+            failures.append(f"{type(error).__name__}: {str(error)[:300]}")
+            continue
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.export.save(program, out)
+        return out
+    raise CheckpointError(
+        f"{name} was converted but torch.export could not export it on input "
+        f"{list(shape)}: {'; '.join(failures)}"
     )
 
 

@@ -263,3 +263,121 @@ def test_a_tiny_onnx_model_converts_into_the_same_function(tmp_path: Path) -> No
     garbage.write_bytes(b"\x08\x07" + b"\xff" * 64)
     with pytest.raises(CheckpointError, match=r"garbage\.onnx"):
         load_onnx(garbage, input_shape=(3, 8, 8), output="logits", mean=None, std=None)
+
+
+# ---- the worker's path: a converted graph re-exported with torch.export, then core.exported ----
+
+NEEDS_CONVERTER = pytest.mark.skipif(
+    importlib.util.find_spec("onnx2torch") is None,
+    reason="needs the onnx extra (onnx2torch, with an importable torchvision)",
+)
+
+
+def test_a_converted_graph_is_re_exported_with_a_dynamic_batch_and_loads_as_a_pt2(
+    tmp_path: Path,
+) -> None:
+    """``export_graph`` takes the torch.fx graph onnx2torch makes (here: traced from the same
+    modules) to a ``.pt2`` that the safe loader of uploaded programs accepts unchanged."""
+    from core.exported import load_exported
+    from core.onnx_import import export_graph
+
+    net = _tiny()
+    program = export_graph(
+        fx.symbolic_trace(net), tmp_path / "m.pt2", name="m.onnx", input_shape=(3, 8, 8)
+    )
+    model = load_exported(program, input_shape=(3, 8, 8), output="logits", mean=MEAN, std=STD)
+    assert (model.arch, model.feature_dim, model.num_classes) == ("exported", 8, 4)
+    assert model.body.batch_range == (1, 1024)  # one dynamic axis, not one image at a time
+    x = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), net(_normalized(x)))
+    with pytest.raises(CheckpointError, match="takes 8 at height"):  # exported on 8x8 images
+        load_exported(program, input_shape=(3, 16, 8), output="logits")
+
+
+def test_a_graph_that_fixes_its_batch_is_exported_for_one_image_at_a_time(
+    tmp_path: Path,
+) -> None:
+    from core.exported import load_exported
+    from core.onnx_import import export_graph
+
+    net = FixedBatch()  # declared with a dynamic batch axis, but it reshapes to one row
+    program = export_graph(
+        fx.symbolic_trace(net), tmp_path / "m.pt2", name="m.onnx", input_shape=(3, 8, 8)
+    )
+    model = load_exported(program, input_shape=(3, 8, 8), output="logits")
+    assert model.body.batch_range == (1, 1)
+    x = torch.rand(3, 3, 8, 8)
+    with torch.no_grad():
+        expected = torch.cat([net(x[i : i + 1]) for i in range(3)])
+        torch.testing.assert_close(model(x), expected)
+
+
+def test_a_graph_torch_export_cannot_take_is_refused_with_the_reason(tmp_path: Path) -> None:
+    from core.onnx_import import export_graph
+
+    class Branches(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x.flatten(1) if x.sum() > 0 else -x.flatten(1)  # data-dependent control flow
+
+    with pytest.raises(CheckpointError, match=r"m\.onnx was converted but torch.export could not"):
+        export_graph(Branches(), tmp_path / "m.pt2", name="m.onnx", input_shape=(3, 8, 8))
+    assert not (tmp_path / "m.pt2").exists()
+
+
+@NEEDS_CONVERTER
+def test_an_onnx_model_becomes_a_pt2_the_safe_loader_accepts(tmp_path: Path) -> None:
+    """The worker's whole path on a real ONNX file: onnx2torch, torch.export, core.exported."""
+    from api.onnx_check import check_onnx_file
+    from core.exported import load_exported
+    from core.onnx_import import export_onnx
+
+    net = _tiny()
+    path = tmp_path / "tiny.onnx"
+    _onnx_tiny(path, net)
+    assert check_onnx_file(path).opsets == {"": 13}  # what the API checks before queueing
+    program = export_onnx(path, tmp_path / "tiny.pt2", input_shape=(3, 8, 8))
+    model = load_exported(program, input_shape=(3, 8, 8), output="logits", mean=MEAN, std=STD)
+    assert (model.arch, model.feature_dim, model.num_classes) == ("exported", 8, 4)
+    assert model.body.batch_range == (1, 1024)
+    x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), net(_normalized(x)), rtol=1e-4, atol=1e-5)
+
+
+@NEEDS_CONVERTER
+def test_custom_domains_functions_and_unknown_operators_are_refused_before_conversion(
+    tmp_path: Path,
+) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    from core.onnx_import import export_onnx
+
+    def write(node: onnx.NodeProto, name: str, **model: object) -> Path:
+        graph = helper.make_graph(
+            [node],
+            "g",
+            [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+            [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        )
+        proto = helper.make_model(graph, **model)
+        path = tmp_path / name
+        onnx.save_model(proto, str(path))
+        return path
+
+    custom = write(
+        helper.make_node("Inverse", ["input"], ["out"], domain="com.microsoft"),
+        "custom.onnx",
+        opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid("com.microsoft", 1)],
+    )
+    with pytest.raises(CheckpointError, match=r"custom operators \(com\.microsoft::Inverse\)"):
+        export_onnx(custom, tmp_path / "c.pt2", input_shape=(3, 8, 8))
+    unknown = write(
+        helper.make_node("NotAnOperator", ["input"], ["out"]),
+        "unknown.onnx",
+        opset_imports=[helper.make_opsetid("", 13)],
+    )
+    with pytest.raises(CheckpointError, match=r"operators ONNX does not define: \['NotAn"):
+        export_onnx(unknown, tmp_path / "u.pt2", input_shape=(3, 8, 8))
+    assert not (tmp_path / "c.pt2").exists() and not (tmp_path / "u.pt2").exists()

@@ -401,7 +401,8 @@ def test_a_resnet18_without_normalization_loads_with_the_forms_mean_and_std(
     assert loaded.normalize.mean.flatten().tolist() == pytest.approx([0.4, 0.5, 0.6])
 
 
-# ONNX: a 415 pointing to torch.export (no worker imports ONNX yet).
+# ONNX with BULWARK_ONNX_ENABLED off (the default): a 415 pointing to torch.export
+# (tests/service/test_service_onnx.py has the deployments that convert it).
 
 
 def _onnx_bytes() -> bytes:
