@@ -9,7 +9,7 @@ data by a built-in dataset or by the id of one of its own datasets, never by ser
 from __future__ import annotations
 
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -21,6 +21,13 @@ from catalog.names import ArchName, AttackName, DatasetName, DefenseName, Recipe
 # Paper's target/poison pairs (Appendix A) by CIFAR-10 class index: airplane/horse,
 # bird/automobile, deer/automobile, frog/cat. Other datasets use the same indices.
 PAPER_PAIRS: tuple[tuple[int, int], ...] = ((0, 7), (2, 1), (4, 1), (6, 3))
+# How an audit chooses its class pairs besides explicit ones (core.audit.choose_pairs):
+# ``closest``, the pairs the clean model confuses most (its own feature space); ``paper``, the
+# paper's pairs, where the dataset has CIFAR-10's classes; ``random``, drawn from the seed.
+PairSetName = Literal["closest", "paper", "random"]
+PAIR_SETS: tuple[PairSetName, ...] = ("closest", "paper", "random")
+DEFAULT_PAIR_SETS: tuple[PairSetName, ...] = ("closest", "random")
+MAX_BUDGET_POINTS = 8
 MAX_SEED = 2**32 - 1
 # The catalog dataset a tenant dataset (``dataset_id``) is read as: the worker fetches its
 # canonical npz and reads it with this entry's reader.
@@ -39,6 +46,13 @@ RESERVED_AUDIT_OVERRIDES = frozenset(
         "attacks",
         "attack_settings",
         "pairs",
+        "pair_sets",
+        "closest_pairs",
+        "random_pairs",
+        "reference",
+        "budget_attack",
+        "budget_deltas",
+        "budget_poisons",
         "targets_per_pair",
         "iterations",
         "delta",
@@ -109,6 +123,28 @@ class PretrainJobCreate(PretrainRequest):
     name: str | None = Field(None, max_length=200, description="name of the produced model")
 
 
+class BudgetRequest(BaseModel):
+    """A budget curve: the audit re-runs one attack at each delta (with the audit's poisons)
+    and at each poison count (with the audit's delta)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attack: AttackName | None = Field(
+        None,
+        description="the attack swept (one of the audit's); default: bp if run, else the first",
+    )
+    deltas: list[Annotated[float, Field(gt=0, le=1)]] = Field(
+        default_factory=list,
+        max_length=MAX_BUDGET_POINTS,
+        description="l_inf budgets in [0,1] pixels, e.g. [4/255, 8/255, 16/255, 25.5/255]",
+    )
+    poisons: list[Annotated[int, Field(ge=1, le=100)]] = Field(
+        default_factory=list,
+        max_length=MAX_BUDGET_POINTS,
+        description="poisons per instance, e.g. [1, 5, 10, 25]",
+    )
+
+
 class AuditRequest(BaseModel):
     """An audit under the paper's protocol: which attacks, pairs, targets and budget."""
 
@@ -127,8 +163,26 @@ class AuditRequest(BaseModel):
         description='per-attack settings, e.g. {"fc": {"mu": 0.2}, "bp": {"poisons": 10}}',
     )
     pairs: list[tuple[int, int]] | None = Field(
-        None, min_length=1, description="(target class, poison class); default: the paper's"
+        None,
+        min_length=1,
+        description="explicit (target class, poison class) pairs, audited besides pair_sets",
     )
+    pair_sets: list[PairSetName] | None = Field(
+        None,
+        description="how more pairs are chosen: closest (the clean model's most confused "
+        "pairs), paper (CIFAR-10's classes only), random (seeded); default: closest and random "
+        "when no pairs are given, none when they are",
+    )
+    closest_pairs: int = Field(2, ge=0, le=1000, description="pairs the closest set adds")
+    random_pairs: int = Field(2, ge=0, le=1000, description="pairs the random set adds")
+    reference: Literal["auto", "none"] | uuid.UUID = Field(
+        "auto",
+        description="the undefended reference audited on the same instances: one of your "
+        "model ids, auto (Bulwark pre-trains the model's architecture without a defense on "
+        "the audit's data, cached and reused; a torch.export program has no auto reference) "
+        "or none",
+    )
+    budget: BudgetRequest | None = Field(None, description="an optional budget curve")
     targets_per_pair: int = Field(10, ge=1, le=10_000)
     iterations: int = Field(500, ge=1, le=100_000, description="optimization steps per attack")
     delta: float = Field(25.5 / 255, gt=0, le=1, description="l_inf budget in [0,1] pixels")
@@ -181,7 +235,8 @@ class AuditRequest(BaseModel):
 
     @property
     def effective_pairs(self) -> tuple[tuple[int, int], ...]:
-        return tuple(self.pairs) if self.pairs is not None else PAPER_PAIRS
+        """The explicit pairs (the sets' pairs are chosen by the audit itself)."""
+        return tuple(self.pairs) if self.pairs is not None else ()
 
     def attack_poisons(self) -> int:
         """The most poisons any chosen attack uses per instance (at its defaults)."""
@@ -203,7 +258,10 @@ class ImportJobSpec(BaseModel):
     The API never reads the file (it would have to unpickle it); a worker reads it with
     ``torch.load(weights_only=True)``, checks it against this metadata and stores safetensors.
     A ``torch.export`` program (``format="export"``) has no Bulwark ``arch``, and ``output``
-    says whether it ends in logits (its last linear layer is the head) or in features.
+    says whether it ends in logits (its last linear layer is the head) or in features. An
+    ONNX graph (``format="onnx"``, accepted where the deployment enables ONNX) is converted on
+    the worker (``core.onnx_import``), re-exported with ``torch.export`` on ``input_shape`` and
+    then checked and stored exactly as an uploaded ``.pt2``.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -212,7 +270,7 @@ class ImportJobSpec(BaseModel):
     filename: str | None = None
     sha256: str  # of the uploaded .pt file
     name: str | None = None
-    format: Literal["torch-state-dict", "export"] = "torch-state-dict"
+    format: Literal["torch-state-dict", "export", "onnx"] = "torch-state-dict"
     arch: ArchName | None = None  # required for a torch state dict
     input_shape: list[int] = Field(min_length=3, max_length=3)
     classes: list[str] | None = None

@@ -36,7 +36,7 @@ __all__ = [
 ]
 
 # Fields of the core configs that the service fills in itself: never stored as requested.
-SERVICE_FIELDS = frozenset({"model", "data_dir", "device"})
+SERVICE_FIELDS = frozenset({"model", "data_dir", "device", "reference"})
 
 
 class SpecError(ValueError):
@@ -88,6 +88,12 @@ def resolve_audit(
             attacks=tuple(request.attacks),
             attack_settings=request.attack_settings,
             pairs=request.effective_pairs,
+            pair_sets=tuple(request.pair_sets) if request.pair_sets is not None else None,
+            closest_pairs=request.closest_pairs,
+            random_pairs=request.random_pairs,
+            budget_attack=request.budget.attack if request.budget else None,
+            budget_deltas=tuple(request.budget.deltas) if request.budget else (),
+            budget_poisons=tuple(request.budget.poisons) if request.budget else (),
             targets_per_pair=request.targets_per_pair,
             iterations=request.iterations,
             delta=request.delta,

@@ -29,8 +29,8 @@ from __future__ import annotations
 import math
 import platform
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -38,7 +38,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from core.attacks import AttackContext, CraftResult, StepCallback, attack_class
+from catalog.datasets import CIFAR10_CLASSES
+from catalog.policy import DEFAULT_POLICY, Policy
+from catalog.requests import PAPER_PAIRS
+from core.attacks import AttackContext, CraftResult, EarlyStop, StepCallback, attack_class
 from core.checkpoint import library_versions, load_extractor
 from core.config import AuditConfig
 from core.data import ImageDataset, Split, split_dataset, to_float
@@ -52,15 +55,24 @@ from core.report import (
     AttackResult,
     AuditReport,
     BaselineResult,
+    BudgetCurve,
+    BudgetPoint,
+    Comparison,
     DatasetFacts,
     InstanceDraw,
     InstanceResult,
     MeanStd,
     ModelFacts,
+    PairChoice,
+    PairResult,
+    PairSource,
+    Rate,
+    ReferenceFacts,
     ScreenFacts,
+    SequentialFacts,
 )
 from core.screen import screen
-from core.verdict import wilson_interval
+from core.verdict import decide_results, difference_interval, wilson_interval
 
 
 class AuditError(BulwarkError):
@@ -281,8 +293,9 @@ class _Tracker:
         eta = elapsed * (1 - fraction) / fraction if fraction > 0.01 else None
         self.callback(Progress(phase=phase, fraction=fraction, eta_seconds=eta, **fields))
 
-    def finish(self, phase: str) -> None:
-        self.done += self.weights[phase]
+    def finish(self, phase: str, share: float = 1.0) -> None:
+        """Count ``share`` of ``phase`` as done (a round of a sequential audit is a share)."""
+        self.done += self.weights[phase] * share
 
 
 # ---- the stages ----------------------------------------------------------------------------
@@ -319,6 +332,7 @@ class AuditFeatures:
     head_weight: torch.Tensor  # (classes, D): where every re-trained head starts
     head_bias: torch.Tensor  # (classes,)
     pre_acc: float | None
+    clean_correct: torch.Tensor  # (I,) bool: the clean model classifies the target correctly
 
 
 @dataclass(frozen=True)
@@ -329,11 +343,18 @@ class HeadOutcome:
     re_acc: torch.Tensor  # (2I,) test accuracy of each head
 
 
-def load_stage(config: AuditConfig, dataset: ImageDataset | None = None) -> AuditInputs:
-    """Read the model and the dataset, check that they fit, draw the instances."""
+def load_stage(
+    config: AuditConfig,
+    dataset: ImageDataset | None = None,
+    *,
+    model_path: str | None = None,
+) -> AuditInputs:
+    """Read the model (``model_path``, default ``config.model``) and the dataset, and check
+    that they fit. The instances are drawn later (:func:`draw_stage`): the closest pairs
+    depend on the model's features."""
     device = resolve_device(config.device)
     dtype = resolve_precision(config.precision, device)
-    loaded = load_extractor(config.model)
+    loaded = load_extractor(model_path or config.model)
     model = loaded.model.to(device).eval()
     data = dataset or load_dataset(config.dataset, config.data_dir)
     split = split_dataset(data.train_y, config.resolved_split)
@@ -341,7 +362,7 @@ def load_stage(config: AuditConfig, dataset: ImageDataset | None = None) -> Audi
     if data.channels != in_channels:
         raise AuditError(
             f"dataset {config.dataset!r} has {data.channels}-channel images but the model "
-            f"takes {in_channels}"
+            f"{'reference ' if model_path else ''}takes {in_channels}"
         )
     for target_class, poison_class in config.pairs:
         if max(target_class, poison_class) >= data.num_classes:
@@ -349,9 +370,6 @@ def load_stage(config: AuditConfig, dataset: ImageDataset | None = None) -> Audi
                 f"pairs: ({target_class}, {poison_class}) names a class outside "
                 f"0..{data.num_classes - 1} of {config.dataset!r}"
             )
-    instances = choose_instances(
-        data, split.pool, config.pairs, config.targets_per_pair, config.max_poisons, config.seed
-    )
     classes_match = model.num_classes == data.num_classes and loaded.manifest.get("classes") in (
         None,
         list(data.classes),
@@ -364,13 +382,30 @@ def load_stage(config: AuditConfig, dataset: ImageDataset | None = None) -> Audi
         manifest=loaded.manifest,
         data=data,
         split=split,
-        instances=instances,
+        instances=[],
         classes_match=classes_match,
     )
 
 
-def features_stage(inputs: AuditInputs) -> AuditFeatures:
-    """f(x) of the re-training set, the evaluation images and the targets, once per audit."""
+@dataclass(frozen=True)
+class CleanFeatures:
+    """Stage ``features``, part one: the frozen features of the clean re-training set and the
+    evaluation images, the head every re-training starts from, and the clean model: that head
+    re-trained on the clean set alone, as the victim would have it without poisons."""
+
+    clean_features: torch.Tensor  # (N, D)
+    clean_labels: torch.Tensor  # (N,)
+    test_features: torch.Tensor  # (E, D) the first eval_images test images
+    test_labels: torch.Tensor  # (E,)
+    head_weight: torch.Tensor  # (classes, D)
+    head_bias: torch.Tensor  # (classes,)
+    clean_weight: torch.Tensor  # (classes, D) the clean model's head
+    clean_bias: torch.Tensor  # (classes,)
+    pre_acc: float | None
+
+
+def clean_stage(inputs: AuditInputs) -> CleanFeatures:
+    """f(x) of the re-training set and the evaluation images; the starting and clean heads."""
     config, data, model, device, dtype = (
         inputs.config,
         inputs.data,
@@ -380,12 +415,10 @@ def features_stage(inputs: AuditInputs) -> AuditFeatures:
     )
     retrain = inputs.split.retrain
     clean_features = extract_features(model, data.train_x[retrain], dtype=dtype)
+    clean_labels = data.train_y[retrain].to(device)
     eval_count = min(config.eval_images or len(data.test_y), len(data.test_y))
     test_features = extract_features(model, data.test_x[:eval_count], dtype=dtype)
     test_labels = data.test_y[:eval_count].to(device)
-    instances = inputs.instances
-    target_index = torch.tensor([inst.target_index for inst in instances])
-    targets = to_float(data.test_x[target_index].to(device))
     if inputs.classes_match:
         with torch.no_grad():
             pre_acc: float | None = float(
@@ -395,19 +428,132 @@ def features_stage(inputs: AuditInputs) -> AuditFeatures:
     else:
         pre_acc = inputs.manifest.get("pre_acc")
         weight, bias = fresh_head(data.num_classes, model.feature_dim, config.seed, device)
-    return AuditFeatures(
+    no_extra = torch.zeros(1, 0, model.feature_dim, device=device)
+    clean_weights, clean_biases = retrain_heads(
+        clean_features,
+        clean_labels,
+        no_extra,
+        torch.zeros(1, 0, dtype=torch.long, device=device),
+        init_weight=weight,
+        init_bias=bias,
+        schedule=HeadSchedule.of(config),
+        seed=config.seed,
+    )
+    return CleanFeatures(
         clean_features=clean_features,
-        clean_labels=data.train_y[retrain].to(device),
+        clean_labels=clean_labels,
         test_features=test_features,
         test_labels=test_labels,
-        targets=targets,
-        target_features=extract_features(model, targets, dtype=dtype),
-        bases=data.train_x[torch.tensor([inst.base_indices for inst in instances])].to(device),
-        target_classes=torch.tensor([inst.target_class for inst in instances], device=device),
-        poison_classes=torch.tensor([inst.poison_class for inst in instances], device=device),
         head_weight=weight,
         head_bias=bias,
+        clean_weight=clean_weights[0],
+        clean_bias=clean_biases[0],
         pre_acc=pre_acc,
+    )
+
+
+def confusion(clean: CleanFeatures, num_classes: int) -> torch.Tensor:
+    """(classes, classes): row t, column p is the clean model's mean probability of class p
+    over the evaluation images of class t."""
+    with torch.no_grad():
+        probs = torch.softmax(clean.test_features @ clean.clean_weight.T + clean.clean_bias, -1)
+    matrix = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+    labels = clean.test_labels.cpu()
+    for label in range(num_classes):
+        rows = probs[(labels == label).to(probs.device)]
+        if len(rows):
+            matrix[label] = rows.double().mean(0).cpu()
+    return matrix
+
+
+def choose_pairs(config: AuditConfig, data: ImageDataset, clean: CleanFeatures) -> list[PairChoice]:
+    """The audit's (target, poison) pairs: the explicit ones, then each set's in the order of
+    ``config.pair_sets``, skipping pairs already chosen.
+
+    - ``closest``: the ``closest_pairs`` ordered pairs the clean model confuses most (the
+      largest mean probability of the poison class on test images of the target class): the
+      classes nearest in the model's own feature space, where poisons need to move least.
+    - ``paper``: the paper's four pairs (Appendix A), defined on CIFAR-10's classes.
+    - ``random``: ``random_pairs`` ordered pairs drawn from ``config.seed``.
+    """
+    classes = data.num_classes
+    chosen: list[PairChoice] = []
+    taken: set[tuple[int, int]] = set()
+
+    def add(pair: tuple[int, int], source: PairSource, score: float | None = None) -> None:
+        if pair not in taken:
+            taken.add(pair)
+            chosen.append(
+                PairChoice(target_class=pair[0], poison_class=pair[1], source=source, score=score)
+            )
+
+    for pair in config.pairs:
+        add((int(pair[0]), int(pair[1])), "explicit")
+    every = [(t, p) for t in range(classes) for p in range(classes) if t != p]
+    for name in config.pair_sets or ():
+        if name == "closest":
+            matrix = confusion(clean, classes)
+            ranked = sorted(every, key=lambda pair: (-float(matrix[pair]), pair))
+            fresh = [pair for pair in ranked if pair not in taken][: config.closest_pairs]
+            for pair in fresh:
+                add(pair, "closest", round(float(matrix[pair]), 6))
+        elif name == "paper":
+            if tuple(data.classes) != CIFAR10_CLASSES:
+                raise AuditError(
+                    "pair_sets: 'paper' names the paper's CIFAR-10 pairs, but the dataset's "
+                    f"classes are {list(data.classes)[:10]}; use closest or random"
+                )
+            for pair in PAPER_PAIRS:
+                add(pair, "paper")
+        else:
+            generator = torch.Generator().manual_seed(config.seed + 1)
+            order = torch.randperm(len(every), generator=generator).tolist()
+            fresh = [every[i] for i in order if every[i] not in taken][: config.random_pairs]
+            for pair in fresh:
+                add(pair, "random")
+    return chosen
+
+
+def draw_stage(inputs: AuditInputs, clean: CleanFeatures) -> tuple[AuditInputs, list[PairChoice]]:
+    """Choose the pairs (:func:`choose_pairs`) and draw the instances from the seed."""
+    config = inputs.config
+    choices = choose_pairs(config, inputs.data, clean)
+    instances = choose_instances(
+        inputs.data,
+        inputs.split.pool,
+        [(c.target_class, c.poison_class) for c in choices],
+        config.targets_per_pair,
+        config.max_poisons,
+        config.seed,
+    )
+    return replace(inputs, instances=instances), choices
+
+
+def features_stage(inputs: AuditInputs, clean: CleanFeatures) -> AuditFeatures:
+    """The targets' pixels and features and the bases of the drawn instances, with the clean
+    features computed before the draw."""
+    data, model, device, dtype = inputs.data, inputs.model, inputs.device, inputs.dtype
+    instances = inputs.instances
+    target_index = torch.tensor([inst.target_index for inst in instances])
+    targets = to_float(data.test_x[target_index].to(device))
+    target_features = extract_features(model, targets, dtype=dtype)
+    target_classes = torch.tensor([inst.target_class for inst in instances], device=device)
+    with torch.no_grad():
+        clean_logits = target_features @ clean.clean_weight.T + clean.clean_bias
+    return AuditFeatures(
+        clean_features=clean.clean_features,
+        clean_labels=clean.clean_labels,
+        test_features=clean.test_features,
+        test_labels=clean.test_labels,
+        targets=targets,
+        target_features=target_features,
+        bases=data.train_x[torch.tensor([inst.base_indices for inst in instances])].to(device),
+        target_classes=target_classes,
+        poison_classes=torch.tensor([inst.poison_class for inst in instances], device=device),
+        head_weight=clean.head_weight,
+        head_bias=clean.head_bias,
+        pre_acc=clean.pre_acc,
+        clean_correct=(clean_logits.argmax(-1) == target_classes).cpu(),
     )
 
 
@@ -450,13 +596,21 @@ def craft_stage(
     *,
     channels_last: bool,
     on_step: StepCallback | None = None,
+    delta: float | None = None,
+    poisons: int | None = None,
+    early_stop: EarlyStop | None = None,
 ) -> CraftResult:
-    """Craft ``attack``'s poisons for every instance at once against ``attacker``."""
+    """Craft ``attack``'s poisons for every instance at once against ``attacker``.
+
+    ``delta`` and ``poisons`` replace the audit's budget (the budget curve's points);
+    ``early_stop`` stops crafting instances whose poisons already succeed."""
     config = inputs.config
     settings = config.attack_settings[attack]
+    if poisons is not None:
+        settings = settings.model_copy(update={"poisons": poisons})
     implementation = attack_class(attack)(
         settings=settings,
-        delta=config.delta,
+        delta=config.delta if delta is None else delta,
         iterations=config.iterations,
         batch_size=config.attack_batch_size,
         dtype=inputs.dtype,
@@ -472,7 +626,7 @@ def craft_stage(
         clean_features=features.clean_features,
         clean_labels=features.clean_labels,
     )
-    return implementation(attacker, context, callback=on_step)
+    return implementation(attacker, context, callback=on_step, early_stop=early_stop)
 
 
 def retrain_stage(
@@ -509,14 +663,29 @@ def retrain_stage(
     return HeadOutcome(target_probs=target_probs, re_acc=re_acc)
 
 
+def rate(successes: int, trials: int) -> Rate:
+    """A binomial rate with its 95% Wilson interval (0 of 0 reads as rate 0, interval [0, 1])."""
+    return Rate(
+        successes=successes,
+        trials=trials,
+        rate=successes / trials if trials else 0.0,
+        wilson95=wilson_interval(successes, trials),
+    )
+
+
 def score_stage(
     attack: str,
     instances: list[Instance],
     crafted: CraftResult,
     outcome: HeadOutcome,
     seconds: dict[str, float],
+    *,
+    clean_correct: Sequence[bool],
+    pair_sources: dict[tuple[int, int], PairSource],
+    reach_level: float,
 ) -> AttackResult:
-    """ASR, the baseline, Re. Acc and a row per instance for one attack."""
+    """ASR, the baseline, Re. Acc and a row per instance for one attack; the headline (ASR
+    among targets the clean model gets right), ASR per pair, and the reach."""
     count, k = crafted.poisons.shape[:2]
     poison_class = torch.tensor([inst.poison_class for inst in instances])
     probs = outcome.target_probs.cpu()
@@ -525,6 +694,7 @@ def score_stage(
     baseline_success = (predicted[count:] == poison_class).tolist()
     poison_prob = probs[torch.arange(2 * count), poison_class.repeat(2)].tolist()
     re_acc = outcome.re_acc.cpu().tolist()
+    relative = crafted.relative_distance.cpu().tolist()
     rows = [
         InstanceResult(
             instance=i,
@@ -537,7 +707,7 @@ def score_stage(
             poison_class_probability=poison_prob[i],
             re_acc=re_acc[i],
             feature_distance=float(crafted.feature_distance[i]),
-            relative_feature_distance=float(crafted.relative_distance[i]),
+            relative_feature_distance=float(relative[i]),
             linf=float(crafted.linf[i]),
             coefficients=crafted.coefficients[i].cpu().tolist(),
             objective_start=float(crafted.objective[0, i]),
@@ -549,6 +719,21 @@ def score_stage(
         for i, inst in enumerate(instances)
     ]
     successes, baseline_successes = sum(success), sum(baseline_success)
+    correct = [i for i in range(count) if clean_correct[i]]
+    pairs = []
+    for pair, source in pair_sources.items():
+        members = [
+            i for i, inst in enumerate(instances) if (inst.target_class, inst.poison_class) == pair
+        ]
+        pairs.append(
+            PairResult(
+                target_class=pair[0],
+                poison_class=pair[1],
+                source=source,
+                asr=rate(sum(success[i] for i in members), len(members)),
+                baseline=rate(sum(baseline_success[i] for i in members), len(members)),
+            )
+        )
     return AttackResult(
         attack=attack,
         poisons_per_instance=k,
@@ -564,23 +749,244 @@ def score_stage(
         ),
         re_acc=mean_std(re_acc[:count]),
         feature_distance=mean_std(crafted.feature_distance.cpu().tolist()),
-        relative_feature_distance=mean_std(crafted.relative_distance.cpu().tolist()),
+        relative_feature_distance=mean_std(relative),
         max_linf=float(crafted.linf.max()),
         seconds=seconds,
         rows=rows,
+        asr_correct_targets=rate(sum(success[i] for i in correct), len(correct)),
+        baseline_correct_targets=rate(sum(baseline_success[i] for i in correct), len(correct)),
+        pairs=pairs,
+        reach_level=reach_level,
+        unreached=sum(1 for value in relative if value > reach_level),
+        crafting_work=crafted.work,
     )
 
 
 def _progress_weights(config: AuditConfig) -> dict[str, float]:
     """Each phase's share of the audit's progress bar, by its rough cost."""
     work = {name: config.poisons(name) * config.iterations for name in config.attacks}
-    return {
-        "load": 1.0,
-        "features": 4.0,
-        "screen": 2.0 if config.screen_images else 0.0,
-        **{f"craft:{name}": 90.0 * w / sum(work.values()) for name, w in work.items()},
-        **{f"retrain:{name}": 5.0 / len(config.attacks) for name in config.attacks},
-    }
+    total = sum(work.values())
+    sides = ("", "reference:") if config.reference else ("",)
+    weights = {"load": 1.0, "features": 4.0, "screen": 2.0 if config.screen_images else 0.0}
+    for side in sides:
+        if side:
+            weights |= {f"{side}load": 1.0, f"{side}features": 4.0}
+        weights |= {f"{side}craft:{name}": 90.0 * w / total for name, w in work.items()}
+        weights |= {f"{side}retrain:{name}": 5.0 / len(config.attacks) for name in config.attacks}
+    curve = config.curve_attack
+    if curve is not None:
+        points = [config.poisons(curve)] * len(config.budget_deltas) + list(config.budget_poisons)
+        weights["curve"] = 90.0 * len(sides) * sum(points) * config.iterations / total
+    return weights
+
+
+@dataclass(frozen=True)
+class _Side:
+    """One audited network (the model, or its reference) with everything its attacks need."""
+
+    inputs: AuditInputs
+    features: AuditFeatures
+    attacker: FeatureClassifier
+    channels_last: bool
+    baseline_features: dict[int, torch.Tensor]  # poisons per instance -> (I, k, D)
+
+    @classmethod
+    def of(cls, inputs: AuditInputs, features: AuditFeatures) -> _Side:
+        attacker, channels_last = crafting_model(inputs.model, inputs.device, inputs.dtype)
+        return cls(inputs, features, attacker, channels_last, {})
+
+    def subset(self, indices: Sequence[int]) -> _Side:
+        """The same network on the instances at ``indices`` (a round, or those run)."""
+        rows = torch.tensor(list(indices), dtype=torch.long)
+        on_device = rows.to(self.inputs.device)
+        features = self.features
+        sliced = replace(
+            features,
+            targets=features.targets[on_device],
+            target_features=features.target_features[on_device],
+            bases=features.bases[on_device],
+            target_classes=features.target_classes[on_device],
+            poison_classes=features.poison_classes[on_device],
+            clean_correct=features.clean_correct[rows],
+        )
+        inputs = replace(self.inputs, instances=[self.inputs.instances[i] for i in indices])
+        return _Side(inputs, sliced, self.attacker, self.channels_last, {})
+
+    def bases_features(self, k: int) -> torch.Tensor:
+        """The unperturbed bases' features (I, k, D), shared by attacks with k poisons."""
+        if k not in self.baseline_features:
+            count = len(self.inputs.instances)
+            flat = to_float(self.features.bases[:, :k]).flatten(0, 1)
+            self.baseline_features[k] = extract_features(
+                self.inputs.model, flat, dtype=self.inputs.dtype
+            ).view(count, k, -1)
+        return self.baseline_features[k]
+
+    def succeeded(self, indices: torch.Tensor, poisons: torch.Tensor) -> torch.Tensor:
+        """Whether the poisons (m, k, C, H, W) of the instances at ``indices`` already succeed:
+        their heads re-trained as one batched problem, each target's prediction read. The
+        early stop of crafting (``core.attacks.EarlyStop``) asks this every few iterations."""
+        features, inputs = self.features, self.inputs
+        m, k = poisons.shape[:2]
+        rows = indices.to(inputs.device)
+        extra = extract_features(inputs.model, poisons.flatten(0, 1), dtype=inputs.dtype)
+        poison_classes = features.poison_classes[rows]
+        weights, biases = retrain_heads(
+            features.clean_features,
+            features.clean_labels,
+            extra.view(m, k, -1),
+            poison_classes[:, None].expand(-1, k),
+            init_weight=features.head_weight,
+            init_bias=features.head_bias,
+            schedule=HeadSchedule.of(inputs.config),
+            seed=inputs.config.seed,
+        )
+        with torch.no_grad():
+            logits = torch.einsum("hd,hcd->hc", features.target_features[rows], weights) + biases
+        return (logits.argmax(-1) == poison_classes).cpu()
+
+    def craft(
+        self,
+        name: str,
+        *,
+        on_step: StepCallback | None = None,
+        delta: float | None = None,
+        poisons: int | None = None,
+        early_stop_every: int = 0,
+    ) -> tuple[CraftResult, HeadOutcome, dict[str, float]]:
+        """Craft and re-train one attack (at the audit's budget unless given)."""
+        started = time.perf_counter()
+        early_stop = EarlyStop(early_stop_every, self.succeeded) if early_stop_every else None
+        crafted = craft_stage(
+            self.inputs,
+            self.features,
+            name,
+            self.attacker,
+            channels_last=self.channels_last,
+            on_step=on_step,
+            delta=delta,
+            poisons=poisons,
+            early_stop=early_stop,
+        )
+        crafted_at = time.perf_counter()
+        k = crafted.poisons.shape[1]
+        outcome = retrain_stage(self.inputs, self.features, crafted, self.bases_features(k))
+        seconds = {"craft": crafted_at - started, "retrain": time.perf_counter() - crafted_at}
+        return crafted, outcome, seconds
+
+    def score(
+        self,
+        name: str,
+        crafted: CraftResult,
+        outcome: HeadOutcome,
+        seconds: dict[str, float],
+        pair_sources: dict[tuple[int, int], PairSource],
+    ) -> AttackResult:
+        return score_stage(
+            name,
+            self.inputs.instances,
+            crafted,
+            outcome,
+            seconds,
+            clean_correct=self.features.clean_correct.tolist(),
+            pair_sources=pair_sources,
+            reach_level=self.inputs.config.reach_level,
+        )
+
+
+def merge_crafts(parts: Sequence[CraftResult]) -> CraftResult:
+    """The crafting of several rounds as one, instances in round order. An instance whose
+    crafting stopped early has a shorter objective history: its last value is repeated."""
+    if len(parts) == 1:
+        return parts[0]
+    length = max(part.objective.shape[0] for part in parts)
+    objectives = [
+        torch.cat([part.objective, part.objective[-1:].expand(length - len(part.objective), -1)])
+        for part in parts
+    ]
+    return CraftResult(
+        poisons=torch.cat([part.poisons for part in parts]),
+        coefficients=torch.cat([part.coefficients for part in parts]),
+        feature_distance=torch.cat([part.feature_distance for part in parts]),
+        relative_distance=torch.cat([part.relative_distance for part in parts]),
+        linf=torch.cat([part.linf for part in parts]),
+        objective=torch.cat(objectives, 1),
+        work=sum(part.work for part in parts),
+    )
+
+
+def merge_outcomes(parts: Sequence[HeadOutcome]) -> HeadOutcome:
+    """Head outcomes of several rounds as one: poisoned rows first, then baseline rows."""
+    if len(parts) == 1:
+        return parts[0]
+    halves = [len(part.re_acc) // 2 for part in parts]
+    return HeadOutcome(
+        target_probs=torch.cat(
+            [p.target_probs[:h] for p, h in zip(parts, halves, strict=True)]
+            + [p.target_probs[h:] for p, h in zip(parts, halves, strict=True)]
+        ),
+        re_acc=torch.cat(
+            [p.re_acc[:h] for p, h in zip(parts, halves, strict=True)]
+            + [p.re_acc[h:] for p, h in zip(parts, halves, strict=True)]
+        ),
+    )
+
+
+def instance_rounds(instances: Sequence[Instance], rounds: int) -> list[list[int]]:
+    """Instance indices in ``rounds`` groups, each taking a share of every pair's targets (in
+    the order they were drawn), so every round covers every pair."""
+    by_pair: dict[tuple[int, int], list[int]] = {}
+    for index, inst in enumerate(instances):
+        by_pair.setdefault((inst.target_class, inst.poison_class), []).append(index)
+    groups: list[list[int]] = [[] for _ in range(rounds)]
+    for members in by_pair.values():
+        for number, share in enumerate(np.array_split(np.array(members), rounds)):
+            groups[number] += share.tolist()
+    return [sorted(group) for group in groups if group]
+
+
+@dataclass
+class _Crafting:
+    """What one side's attacks crafted so far, round by round."""
+
+    crafts: dict[str, list[CraftResult]]
+    outcomes: dict[str, list[HeadOutcome]]
+    seconds: dict[str, dict[str, float]]
+
+    @classmethod
+    def empty(cls, attacks: Sequence[str]) -> _Crafting:
+        return cls(
+            {name: [] for name in attacks},
+            {name: [] for name in attacks},
+            {name: {"craft": 0.0, "retrain": 0.0} for name in attacks},
+        )
+
+    def add(
+        self, name: str, crafted: CraftResult, outcome: HeadOutcome, seconds: dict[str, float]
+    ) -> None:
+        self.crafts[name].append(crafted)
+        self.outcomes[name].append(outcome)
+        for key, value in seconds.items():
+            self.seconds[name][key] += value
+
+    def results(
+        self, side: _Side, pair_sources: dict[tuple[int, int], PairSource]
+    ) -> dict[str, AttackResult]:
+        """Every attack scored over the instances of ``side`` (those crafted so far)."""
+        return {
+            name: side.score(
+                name,
+                merge_crafts(self.crafts[name]),
+                merge_outcomes(self.outcomes[name]),
+                dict(self.seconds[name]),
+                pair_sources,
+            )
+            for name in self.crafts
+        }
+
+    @property
+    def work(self) -> int:
+        return sum(part.work for parts in self.crafts.values() for part in parts)
 
 
 def run_audit(
@@ -589,18 +995,35 @@ def run_audit(
     progress: ProgressCallback = ignore_progress,
     poisons_dir: Path | None = None,
     dataset: ImageDataset | None = None,
+    reference_source: Literal["named", "auto"] = "named",
+    policy: Policy | None = None,
 ) -> AuditReport:
     """Run ``config.attacks`` against ``config.model`` and return the ASR report.
 
     Args:
-        config: the audit (model, dataset, pairs, budgets, attack and re-training settings).
+        config: the audit (model, dataset, pairs, budgets, attack and re-training settings;
+            ``reference``, an undefended model audited on the same instances; the budget
+            curve's points; the sequential mode).
         progress: called with the whole audit's fraction done (phases ``load``,
-            ``features``, ``screen``, ``craft:<attack>``, ``retrain:<attack>``); raising from
-            it stops the audit.
+            ``features``, ``screen``, ``craft:<attack>``, ``retrain:<attack>``, the same
+            prefixed ``reference:`` for the reference, and ``curve``); raising from it stops
+            the audit.
         poisons_dir: if given, each attack's poisons are written there as ``<attack>.npz``
             (float32 poisons (I, k, C, H, W), uint8 bases and targets, indices) and
             ``<attack>.png`` (one row per instance: base | poison pairs, then the target).
         dataset: the already-read dataset named by ``config`` (saves re-reading it).
+        reference_source: how the caller got ``config.reference``: named by the user, or
+            pre-trained for this audit (``auto``); recorded in the report.
+        policy: the policy a sequential audit (``config.sequential``) stops under
+            (default: ``catalog.policy.DEFAULT_POLICY``); the caller still decides the
+            report's verdict.
+
+    A sequential audit crafts the instances in ``config.rounds`` rounds, each a share of
+    every pair's targets, and after each round decides the verdict under ``policy`` at a
+    Bonferroni-corrected confidence (``1 - (1 - confidence) / rounds`` per look, so the
+    chance that any look decides wrongly stays within the policy's): once it is decided, no
+    more rounds are crafted. A verdict decided at the stricter confidence of a look is the
+    same at the policy's own, so the caller's verdict on the report agrees with it.
 
     Raises :class:`AuditError` for a dataset or pair that does not fit the model, and the
     loaders' errors (``BulwarkError`` subclasses) for unreadable checkpoints or datasets.
@@ -614,51 +1037,193 @@ def run_audit(
 
     with timed("load", f"the model and the {config.dataset} dataset"):
         inputs = load_stage(config, dataset)
-    with timed("features", "re-training and test set features"):
-        features = features_stage(inputs)
+    with timed("features", "re-training and test set features, the clean model, the pairs"):
+        clean = clean_stage(inputs)
+        inputs, choices = draw_stage(inputs, clean)
+        features = features_stage(inputs, clean)
     feature_screen = None
     if config.screen_images:
         with timed("screen", f"Eq. 4 screen on {config.screen_images} test images"):
             feature_screen = screen_stage(inputs)
+    pair_sources = {(c.target_class, c.poison_class): c.source for c in choices}
 
-    attacker, channels_last = crafting_model(inputs.model, inputs.device, inputs.dtype)
-    baseline_features: dict[int, torch.Tensor] = {}
-    results: dict[str, AttackResult] = {}
-    for name in config.attacks:
-        phase = f"craft:{name}"
+    model_side = _Side.of(inputs, features)
+    reference_side = None
+    reference_clean = None
+    if config.reference is not None:
+        with timed("reference:load", "the undefended reference model"):
+            reference_inputs = load_stage(config, inputs.data, model_path=config.reference)
+        with timed("reference:features", "the reference's features on the same instances"):
+            reference_clean = clean_stage(reference_inputs)
+            reference_inputs = replace(reference_inputs, instances=inputs.instances)
+            reference_features = features_stage(reference_inputs, reference_clean)
+        reference_side = _Side.of(reference_inputs, reference_features)
 
-        def on_step(step: int, steps: int, objective: float, phase: str = phase) -> None:
-            tracker.report(phase, step / steps, step=step, steps=steps, loss=objective)
+    sides = [("", model_side)] + ([("reference:", reference_side)] if reference_side else [])
+    crafting = {prefix: _Crafting.empty(config.attacks) for prefix, _ in sides}
+    groups = (
+        instance_rounds(inputs.instances, config.rounds)
+        if config.sequential
+        else [list(range(len(inputs.instances)))]
+    )
+    policy = policy or DEFAULT_POLICY
+    look = policy.model_copy(update={"confidence": 1 - (1 - policy.confidence) / len(groups)})
+    done: list[int] = []
+    rounds_run = 0
+    stopped_by: str | None = None
+    for number, group in enumerate(groups):
+        for prefix, side in sides:
+            round_side = side.subset(group) if config.sequential else side
+            for name in config.attacks:
+                phase = f"{prefix}craft:{name}"
+                share = 1.0 / len(groups)
 
-        with timed(phase):
-            tracker.report(phase, 0.0, step=0, steps=config.iterations)
-            crafted = craft_stage(
-                inputs, features, name, attacker, channels_last=channels_last, on_step=on_step
+                def on_step(
+                    step: int, steps: int, objective: float, phase: str = phase, base: int = number
+                ) -> None:
+                    local = (base + step / steps) / len(groups)
+                    tracker.report(phase, local, step=step, steps=steps, loss=objective)
+
+                tracker.report(phase, number / len(groups), step=0, steps=config.iterations)
+                crafted, outcome, seconds = round_side.craft(
+                    name, on_step=on_step, early_stop_every=config.early_stop_every
+                )
+                crafting[prefix].add(name, crafted, outcome, seconds)
+                tracker.finish(phase, share)
+                tracker.finish(f"{prefix}retrain:{name}", share)
+        done += group
+        rounds_run = number + 1
+        if config.sequential and number < len(groups) - 1:
+            verdict = decide_results(
+                crafting[""].results(model_side.subset(done), pair_sources),
+                crafting["reference:"].results(reference_side.subset(done), pair_sources)
+                if reference_side is not None
+                else {},
+                look,
             )
-        k = crafted.poisons.shape[1]
-        with timed(f"retrain:{name}", f"{2 * len(inputs.instances)} heads"):
-            if k not in baseline_features:
-                flat = to_float(features.bases[:, :k]).flatten(0, 1)
-                baseline_features[k] = extract_features(
-                    inputs.model, flat, dtype=inputs.dtype
-                ).view(len(inputs.instances), k, -1)
-            outcome = retrain_stage(inputs, features, crafted, baseline_features[k])
-        seconds = {"craft": timings[phase], "retrain": timings[f"retrain:{name}"]}
-        results[name] = score_stage(name, inputs.instances, crafted, outcome, seconds)
+            if verdict.outcome != "inconclusive":
+                stopped_by = (
+                    f"{verdict.outcome} decided after round {number + 1} of {len(groups)} "
+                    f"at {100 * look.confidence:.4g}% per look: {verdict.reason}"
+                )
+                break
+
+    run_order = done if config.sequential else list(range(len(inputs.instances)))
+    model_run = model_side.subset(run_order) if config.sequential else model_side
+    results = crafting[""].results(model_run, pair_sources)
+    for name in config.attacks:
+        timings[f"craft:{name}"] = crafting[""].seconds[name]["craft"]
+        timings[f"retrain:{name}"] = crafting[""].seconds[name]["retrain"]
         if poisons_dir is not None:
             _save_poisons(
                 poisons_dir,
                 name,
-                inputs.instances,
-                crafted,
-                features.bases[:, :k],
-                features.targets,
+                model_run.inputs.instances,
+                merge_crafts(crafting[""].crafts[name]),
+                model_run.features.bases[:, : results[name].poisons_per_instance],
+                model_run.features.targets,
                 [row.success for row in sorted(results[name].rows, key=lambda r: r.instance)],
+            )
+
+    reference = None
+    reference_run = None
+    if reference_side is not None and reference_clean is not None:
+        reference_run = reference_side.subset(run_order) if config.sequential else reference_side
+        reference_results = crafting["reference:"].results(reference_run, pair_sources)
+        for name in config.attacks:
+            for key, value in crafting["reference:"].seconds[name].items():
+                timings[f"reference:{key}:{name}"] = value
+        reference = ReferenceFacts(
+            model=_model_facts(reference_run.inputs, config.reference or ""),
+            source=reference_source,
+            pre_acc=reference_clean.pre_acc,
+            head_init="pretrained" if reference_run.inputs.classes_match else "fresh",
+            instances_correct=int(reference_run.features.clean_correct.sum()),
+            attacks=reference_results,
+        )
+
+    sequential = None
+    if config.sequential:
+        planned = sum(
+            len(inputs.instances) * config.poisons(name) * (config.iterations + 1)
+            for name in config.attacks
+        ) * len(sides)
+        work = sum(crafting[prefix].work for prefix, _ in sides)
+        sequential = SequentialFacts(
+            rounds_planned=len(groups),
+            rounds_run=rounds_run,
+            instances_planned=len(inputs.instances),
+            instances_run=len(done),
+            look_confidence=look.confidence,
+            stopped=stopped_by or "every round ran: no look decided the verdict earlier",
+            early_stop_every=config.early_stop_every,
+            crafting_work=work,
+            crafting_work_full=planned,
+        )
+
+    curve = None
+    if config.curve_attack is not None:
+        with timed("curve", f"the budget curve of {config.curve_attack}"):
+            curve = _budget_curve(
+                config,
+                config.curve_attack,
+                model_run,
+                reference_run,
+                pair_sources,
+                lambda fraction: tracker.report("curve", fraction),
             )
 
     timings["total"] = time.perf_counter() - started
     progress(Progress(phase="done", fraction=1.0, message=f"{len(config.attacks)} attacks"))
-    return _report(inputs, features, feature_screen, results, timings)
+    report = _report(
+        model_run.inputs,
+        model_run.features,
+        feature_screen,
+        results,
+        timings,
+        choices,
+        reference,
+        curve,
+    )
+    return report.model_copy(update={"sequential": sequential}) if sequential else report
+
+
+def _budget_curve(
+    config: AuditConfig,
+    attack: str,
+    model_side: _Side,
+    reference_side: _Side | None,
+    pair_sources: dict[tuple[int, int], PairSource],
+    on_fraction: Callable[[float], None],
+) -> BudgetCurve:
+    """``attack`` re-crafted at each delta (the audit's poisons) and at each poison count (the
+    audit's delta), on the model and on the reference: headline ASR per point."""
+    default_poisons = config.poisons(attack)
+    budgets = [(delta, default_poisons) for delta in config.budget_deltas]
+    budgets += [(config.delta, poisons) for poisons in config.budget_poisons]
+    sides = [side for side in (model_side, reference_side) if side is not None]
+    work = sum(poisons for _, poisons in budgets) * len(sides)
+    finished = 0
+    points = []
+    for delta, poisons in budgets:
+        outcomes = []
+        for side in sides:
+            crafted, outcome, seconds = side.craft(attack, delta=delta, poisons=poisons)
+            outcomes.append(side.score(attack, crafted, outcome, seconds, pair_sources))
+            finished += poisons
+            on_fraction(finished / work)
+        model_result = outcomes[0]
+        points.append(
+            BudgetPoint(
+                delta=delta,
+                poisons=poisons,
+                model=model_result.headline,
+                model_baseline=model_result.headline_baseline,
+                reference=outcomes[1].headline if len(outcomes) > 1 else None,
+            )
+        )
+    deltas = len(config.budget_deltas)
+    return BudgetCurve(attack=attack, delta_points=points[:deltas], poisons_points=points[deltas:])
 
 
 class _Phase:
@@ -680,30 +1245,60 @@ class _Phase:
             self.tracker.finish(self.phase)
 
 
+def _model_facts(inputs: AuditInputs, path: str) -> ModelFacts:
+    model, manifest = inputs.model, inputs.manifest
+    return ModelFacts(
+        path=str(path),
+        arch=model.arch,
+        feature_dim=model.feature_dim,
+        num_classes=model.num_classes,
+        defense=manifest.get("defense"),
+        trained_on=manifest.get("dataset"),
+        weights_sha256=manifest.get("weights_sha256"),
+    )
+
+
+def compare(results: dict[str, AttackResult], reference: ReferenceFacts) -> dict[str, Comparison]:
+    """Per attack run on both: the headline rates and model minus reference with Newcombe's
+    95% interval."""
+    comparison = {}
+    for name, result in results.items():
+        theirs = reference.attacks.get(name)
+        if theirs is None:
+            continue
+        mine, ref = result.headline, theirs.headline
+        comparison[name] = Comparison(
+            attack=name,
+            model=mine,
+            reference=ref,
+            difference=mine.rate - ref.rate,
+            difference95=difference_interval(
+                (mine.successes, mine.trials), (ref.successes, ref.trials)
+            ),
+        )
+    return comparison
+
+
 def _report(
     inputs: AuditInputs,
     features: AuditFeatures,
     feature_screen: ScreenFacts | None,
     results: dict[str, AttackResult],
     timings: dict[str, float],
+    choices: list[PairChoice],
+    reference: ReferenceFacts | None,
+    curve: BudgetCurve | None,
 ) -> AuditReport:
-    config, model, manifest, data = inputs.config, inputs.model, inputs.manifest, inputs.data
+    config, data = inputs.config, inputs.data
     pre_acc_source: Literal["measured", "manifest"] | None = None
     if inputs.classes_match:
         pre_acc_source = "measured"
     elif features.pre_acc is not None:
         pre_acc_source = "manifest"
+    clean_correct = features.clean_correct.tolist()
     return AuditReport(
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        model=ModelFacts(
-            path=str(config.model),
-            arch=model.arch,
-            feature_dim=model.feature_dim,
-            num_classes=model.num_classes,
-            defense=manifest.get("defense"),
-            trained_on=manifest.get("dataset"),
-            weights_sha256=manifest.get("weights_sha256"),
-        ),
+        model=_model_facts(inputs, config.model),
         dataset=DatasetFacts(
             name=config.dataset,
             classes=list(data.classes),
@@ -725,13 +1320,19 @@ def _report(
                 target_class=inst.target_class,
                 poison_class=inst.poison_class,
                 base_indices=list(inst.base_indices),
+                clean_correct=bool(clean_correct[i]),
             )
-            for inst in inputs.instances
+            for i, inst in enumerate(inputs.instances)
         ],
         attacks=results,
         screen=feature_screen,
         timings=timings,
         versions={**library_versions(), "platform": platform.platform()},
+        pair_choices=choices,
+        reference=reference,
+        reference_note=None if reference is not None else "no reference model was given",
+        comparison=compare(results, reference) if reference is not None else {},
+        budget_curve=curve,
     )
 
 

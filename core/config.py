@@ -38,7 +38,12 @@ from catalog import (
     SplitConfig,
     default_recipe,
 )
-from catalog.requests import MAX_SEED, PAPER_PAIRS
+from catalog.requests import (
+    DEFAULT_PAIR_SETS,
+    MAX_BUDGET_POINTS,
+    MAX_SEED,
+    PairSetName,
+)
 
 Precision = Literal["auto", "float32", "bfloat16"]
 
@@ -198,8 +203,30 @@ class AuditConfig(BaseModel):
 
     attacks: tuple[AttackName, ...] = Field(DEFAULT_ATTACKS, min_length=1)
     attack_settings: dict[str, SerializeAsAny[AttackSettings]] = Field(default_factory=dict)
-    pairs: tuple[tuple[int, int], ...] = Field(PAPER_PAIRS, min_length=1)  # (target, poison)
+    # Class pairs (target, poison): the explicit ones, then those each pair set adds (in the
+    # order of pair_sets, without repeats; core.audit.choose_pairs). pair_sets None resolves
+    # to the default sets when no pairs are given and to none when they are.
+    pairs: tuple[tuple[int, int], ...] = ()
+    pair_sets: tuple[PairSetName, ...] | None = None
+    closest_pairs: int = Field(2, ge=0, le=1000)  # pairs the closest set adds
+    random_pairs: int = Field(2, ge=0, le=1000)  # pairs the random set adds
+    # An undefended reference model's folder: audited on the same instances (core.audit).
+    reference: str | None = None
+    # An instance whose poisons end farther from the target than this (feature distance over
+    # the target's feature norm) was never reached: the ASR is then a lower bound.
+    reach_level: float = Field(0.5, gt=0, le=100)
+    # The budget curve (core.budget): budget_attack re-run at each delta and poison count.
+    budget_attack: AttackName | None = None  # None: bp if it runs, else the first attack
+    budget_deltas: tuple[float, ...] = Field((), max_length=MAX_BUDGET_POINTS)
+    budget_poisons: tuple[int, ...] = Field((), max_length=MAX_BUDGET_POINTS)
     targets_per_pair: int = Field(10, ge=1, le=10_000)  # test images attacked per pair
+    # Sequential audit (core.audit.run_audit): the instances crafted in ``rounds`` rounds and
+    # the audit stopped once a round decides the verdict under the policy.
+    sequential: bool = False
+    rounds: int = Field(4, ge=1, le=100)
+    # Every early_stop_every crafting iterations, the instances whose poisons already succeed
+    # stop being crafted (their heads re-trained as one batched problem); 0: never.
+    early_stop_every: int = Field(0, ge=0, le=100_000)
     iterations: int = Field(500, ge=1, le=100_000)  # optimization steps per attack
     delta: float = Field(25.5 / 255, ge=0, le=1)  # l_inf budget around each base image
 
@@ -225,6 +252,8 @@ class AuditConfig(BaseModel):
         """Every chosen attack gets its catalog settings model, defaults filled in."""
         if not isinstance(values, dict):
             return values
+        if values.get("pair_sets") is None:
+            values = {**values, "pair_sets": () if values.get("pairs") else DEFAULT_PAIR_SETS}
         attacks = values.get("attacks", DEFAULT_ATTACKS)
         given = values.get("attack_settings") or {}
         if not isinstance(attacks, list | tuple) or not isinstance(given, dict):
@@ -261,6 +290,31 @@ class AuditConfig(BaseModel):
                 )
         if len(set(self.pairs)) != len(self.pairs):
             raise ValueError(f"pairs must not repeat, got {self.pairs}")
+        sets = self.pair_sets or ()
+        if len(set(sets)) != len(sets):
+            raise ValueError(f"pair_sets must not repeat, got {list(sets)}")
+        adds = {"closest": self.closest_pairs, "random": self.random_pairs, "paper": 1}
+        if not self.pairs and not any(adds[name] for name in sets):
+            raise ValueError(
+                "pairs: give explicit pairs, or pair_sets that add some (closest_pairs or "
+                "random_pairs above 0)"
+            )
+        if self.sequential and self.rounds > self.targets_per_pair:
+            raise ValueError(
+                f"rounds ({self.rounds}) must not exceed targets_per_pair "
+                f"({self.targets_per_pair}): every round takes a share of each pair's targets"
+            )
+        for delta in self.budget_deltas:
+            if not 0 < delta <= 1:
+                raise ValueError(f"budget_deltas must be in (0, 1], got {delta}")
+        for poisons in self.budget_poisons:
+            if not 1 <= poisons <= 100:
+                raise ValueError(f"budget_poisons must be in [1, 100], got {poisons}")
+        if self.budget_attack is not None and self.budget_attack not in self.attacks:
+            raise ValueError(
+                f"budget_attack {self.budget_attack!r} must be one of the audit's attacks "
+                f"{list(self.attacks)}"
+            )
         check_milestones("retrain_milestones", self.retrain_milestones, self.retrain_epochs)
         return self
 
@@ -274,7 +328,18 @@ class AuditConfig(BaseModel):
 
     @property
     def max_poisons(self) -> int:
-        return max(self.poisons(name) for name in self.attacks)
+        """Bases drawn per instance: the most any attack, or the budget curve, uses."""
+        curve = max(self.budget_poisons, default=0) if self.curve_attack else 0
+        return max(curve, *(self.poisons(name) for name in self.attacks))
+
+    @property
+    def curve_attack(self) -> str | None:
+        """The attack the budget curve sweeps, or None when the audit has no curve."""
+        if not self.budget_deltas and not self.budget_poisons:
+            return None
+        if self.budget_attack is not None:
+            return self.budget_attack
+        return "bp" if "bp" in self.attacks else self.attacks[0]
 
 
 def audit_config(**values: Any) -> AuditConfig:

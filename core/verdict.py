@@ -12,6 +12,15 @@ policy's confidence:
   the difference's interval is conservative (wider than a joint bound at that confidence
   would be): it fails or passes less often, never more.
 
+- ``max_asr_relative_to_reference``: the model's ASR over the reference's (the undefended
+  model audited on the same instances), bounded below by the model's lower bound over the
+  reference's upper bound and above by the model's upper bound over the reference's lower
+  bound (infinite when that is 0: a reference the attack may not beat at all cannot show that
+  the model resists better). Conservative in the same way. Not checked without a reference.
+
+Every rate is the report's headline: ASR among the targets the clean model classifies
+correctly (``AttackResult.headline``), where the report has it.
+
 The audit fails if any check fails, else is inconclusive if any check is, else passes. A report
 with no check to make (the policy's thresholds name none of its attacks) is inconclusive.
 Attacks named in the policy that the audit did not run are not checked.
@@ -23,18 +32,19 @@ Also the one Wilson score interval of the code base (:func:`wilson_interval`), w
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from catalog.policy import Policy
+from catalog.policy import DEFAULT_POLICY, Policy
 
 if TYPE_CHECKING:
     from core.report import AttackResult, AuditReport
 
 Outcome = Literal["pass", "fail", "inconclusive"]
-ThresholdName = Literal["max_asr", "max_asr_above_baseline"]
+ThresholdName = Literal["max_asr", "max_asr_above_baseline", "max_asr_relative_to_reference"]
 
 
 def wilson_interval(
@@ -54,6 +64,23 @@ def wilson_interval(
     return (low, high)
 
 
+def difference_interval(
+    first: tuple[int, int], second: tuple[int, int], z: float = 1.959963984540054
+) -> tuple[float, float]:
+    """Newcombe's hybrid score interval of p1 - p2 for two independent binomial rates, each
+    given as (successes, trials): built from the two Wilson intervals (Newcombe 1998, method
+    10), 95% for the default z."""
+    (s1, n1), (s2, n2) = first, second
+    p1 = s1 / n1 if n1 else 0.0
+    p2 = s2 / n2 if n2 else 0.0
+    low1, high1 = wilson_interval(s1, n1, z)
+    low2, high2 = wilson_interval(s2, n2, z)
+    difference = p1 - p2
+    lower = difference - math.sqrt((p1 - low1) ** 2 + (high2 - p2) ** 2)
+    upper = difference + math.sqrt((high1 - p1) ** 2 + (p2 - low2) ** 2)
+    return (max(-1.0, lower), min(1.0, upper))
+
+
 def one_sided_z(confidence: float) -> float:
     """The z of a one-sided bound at ``confidence`` (1.645 at 0.95)."""
     return NormalDist().inv_cdf(confidence)
@@ -64,14 +91,17 @@ class _Part(BaseModel):
 
 
 class Check(_Part):
-    """One attack against one threshold: the observed value, its bounds and the outcome."""
+    """One attack against one threshold: the observed value, its bounds and the outcome.
+
+    ``None`` is unbounded: a reference ratio over a reference rate that may be 0.
+    """
 
     attack: str
     name: ThresholdName
     threshold: float
-    observed: float
-    lower: float
-    upper: float
+    observed: float | None
+    lower: float | None
+    upper: float | None
     outcome: Outcome
 
 
@@ -82,6 +112,18 @@ class Verdict(_Part):
     reason: str
     checks: list[Check]
     confidence: float
+    # The policy that decided, so that a report is self-contained, and its stored version
+    # (None: Bulwark's default policy or a local file). Optional: older verdicts have neither.
+    policy: Policy | None = None
+    policy_version: int | None = None
+
+
+def _finite(value: float) -> float | None:
+    return None if math.isinf(value) else value
+
+
+def _bound(value: float | None) -> float:
+    return math.inf if value is None else value
 
 
 def _outcome(lower: float, upper: float, threshold: float) -> Outcome:
@@ -92,24 +134,43 @@ def _outcome(lower: float, upper: float, threshold: float) -> Outcome:
     return "inconclusive"
 
 
-def _checks(attack: str, result: AttackResult, policy: Policy, z: float) -> list[Check]:
-    asr_low, asr_high = wilson_interval(result.successes, result.instances, z)
+def _checks(
+    attack: str,
+    result: AttackResult,
+    reference: AttackResult | None,
+    policy: Policy,
+    z: float,
+) -> list[Check]:
+    asr, baseline = result.headline, result.headline_baseline
+    asr_low, asr_high = wilson_interval(asr.successes, asr.trials, z)
     checks = []
     for name, threshold in policy.thresholds_for(attack).items():
+        check_name: ThresholdName
         if name == "max_asr":
-            observed, lower, upper = result.asr, asr_low, asr_high
-        else:
-            base_low, base_high = wilson_interval(result.baseline.successes, result.instances, z)
-            observed = result.asr - result.baseline.rate
+            check_name = "max_asr"
+            observed, lower, upper = asr.rate, asr_low, asr_high
+        elif name == "max_asr_above_baseline":
+            check_name = "max_asr_above_baseline"
+            base_low, base_high = wilson_interval(baseline.successes, baseline.trials, z)
+            observed = asr.rate - baseline.rate
             lower, upper = asr_low - base_high, asr_high - base_low
+        else:
+            if reference is None:
+                continue
+            check_name = "max_asr_relative_to_reference"
+            ref = reference.headline
+            ref_low, ref_high = wilson_interval(ref.successes, ref.trials, z)
+            observed = asr.rate / ref.rate if ref.rate > 0 else math.inf
+            lower = asr_low / ref_high if ref_high > 0 else math.inf
+            upper = asr_high / ref_low if ref_low > 0 else math.inf
         checks.append(
             Check(
                 attack=attack,
-                name="max_asr" if name == "max_asr" else "max_asr_above_baseline",
+                name=check_name,
                 threshold=threshold,
-                observed=observed,
-                lower=lower,
-                upper=upper,
+                observed=_finite(observed),
+                lower=_finite(lower),
+                upper=_finite(upper),
                 outcome=_outcome(lower, upper, threshold),
             )
         )
@@ -123,75 +184,126 @@ def _pct(value: float) -> str:
 _VERBS = {"pass": "passes", "fail": "fails", "inconclusive": "is inconclusive on"}
 
 
+def _value(check_name: str, value: float | None) -> str:
+    """A rate in percent; the reference ratio as a multiple (None: unbounded)."""
+    if value is None:
+        return "unbounded"
+    if check_name == "max_asr_relative_to_reference":
+        return f"{value:.2f}x"
+    return _pct(value)
+
+
+_WHAT = {
+    "max_asr": "ASR",
+    "max_asr_above_baseline": "ASR above baseline",
+    "max_asr_relative_to_reference": "ASR relative to the undefended reference",
+}
+
+
 def _reason(check: Check, confidence: float) -> str:
-    what = "ASR" if check.name == "max_asr" else "ASR above baseline"
+    what = _WHAT[check.name]
     level = f"{100 * confidence:g}%"
+
+    def show(value: float | None) -> str:
+        return _value(check.name, value)
+
     head = (
-        f"{check.attack.upper()} {_VERBS[check.outcome]} {check.name} {_pct(check.threshold)}: "
-        f"{what} {_pct(check.observed)}"
+        f"{check.attack.upper()} {_VERBS[check.outcome]} {check.name} {show(check.threshold)}: "
+        f"{what} {show(check.observed)}"
     )
     if check.outcome == "fail":
-        return f"{head}, its {level} lower bound {_pct(check.lower)} is above the threshold."
+        return f"{head}, its {level} lower bound {show(check.lower)} is above the threshold."
     if check.outcome == "pass":
         return (
-            f"{head}, its {level} upper bound {_pct(check.upper)} is at or below the "
+            f"{head}, its {level} upper bound {show(check.upper)} is at or below the "
             "threshold (the closest of the passing checks)."
         )
     return (
-        f"{check.attack.upper()} is inconclusive on {check.name} {_pct(check.threshold)}: "
-        f"{what} {_pct(check.observed)}, its {level} bounds [{_pct(check.lower)}, "
-        f"{_pct(check.upper)}] straddle the threshold (more instances would decide it)."
+        f"{check.attack.upper()} is inconclusive on {check.name} {show(check.threshold)}: "
+        f"{what} {show(check.observed)}, its {level} bounds [{show(check.lower)}, "
+        f"{show(check.upper)}] straddle the threshold (more instances would decide it)."
     )
 
 
-def decide(report: AuditReport, policy: Policy) -> Verdict:
-    """The verdict of ``report`` under ``policy`` (see the module docstring)."""
+def decide(report: AuditReport, policy: Policy, *, version: int | None = None) -> Verdict:
+    """The verdict of ``report`` under ``policy`` (see the module docstring); the verdict
+    records the policy and ``version``, its stored version (None: not a stored policy)."""
+    references = report.reference.attacks if report.reference is not None else {}
+    return decide_results(report.attacks, references, policy, version=version)
+
+
+def decide_results(
+    attacks: Mapping[str, AttackResult],
+    references: Mapping[str, AttackResult],
+    policy: Policy,
+    *,
+    version: int | None = None,
+) -> Verdict:
+    """:func:`decide` on per-attack results and the reference's (empty: no reference); a
+    sequential audit decides on the rounds run so far with this."""
     z = one_sided_z(policy.confidence)
     checks = [
         check
-        for attack, result in report.attacks.items()
-        for check in _checks(attack, result, policy, z)
+        for attack, result in attacks.items()
+        for check in _checks(attack, result, references.get(attack), policy, z)
     ]
     if not checks:
         return Verdict(
             outcome="inconclusive",
             reason="No threshold of the policy applies to the attacks the audit ran "
-            f"({', '.join(report.attacks) or 'none'}).",
+            f"({', '.join(attacks) or 'none'}).",
             checks=[],
             confidence=policy.confidence,
+            policy=policy,
+            policy_version=version,
         )
     outcome: Outcome
     failed = [c for c in checks if c.outcome == "fail"]
     if failed:
         # The most decisive failure: the lower bound furthest above its threshold.
-        outcome, deciding = "fail", max(failed, key=lambda c: c.lower - c.threshold)
+        outcome, deciding = "fail", max(failed, key=lambda c: _bound(c.lower) - c.threshold)
     else:
         # Otherwise the check closest to failing: the upper bound furthest above its threshold
         # (an inconclusive one, if any is).
         outcome = "inconclusive" if any(c.outcome == "inconclusive" for c in checks) else "pass"
-        deciding = max(checks, key=lambda c: c.upper - c.threshold)
+        deciding = max(checks, key=lambda c: _bound(c.upper) - c.threshold)
     return Verdict(
         outcome=outcome,
         reason=_reason(deciding, policy.confidence),
         checks=checks,
         confidence=policy.confidence,
+        policy=policy,
+        policy_version=version,
     )
 
 
 CHECK_COLUMNS = ("attack", "threshold", "limit", "observed", "bounds", "outcome")
 
 
+def policy_source(verdict: Verdict) -> str | None:
+    """Which policy decided, in a short phrase: "tenant policy v3" (a stored version) or
+    "default policy" (Bulwark's); None for a local policy file, or a verdict that predates
+    recording its policy."""
+    if verdict.policy_version is not None:
+        return f"tenant policy v{verdict.policy_version}"
+    if verdict.policy is not None and verdict.policy == DEFAULT_POLICY:
+        return "default policy"
+    return None
+
+
 def render_verdict(verdict: Verdict) -> str:
     """The verdict line and the checks table, aligned for a terminal."""
     level = f"{100 * verdict.confidence:g}%"
-    lines = [f"verdict: {verdict.outcome.upper()} ({level} one-sided bounds). {verdict.reason}"]
+    source = policy_source(verdict)
+    basis = f"{level} one-sided bounds" + (f"; {source}" if source else "")
+    lines = [f"verdict: {verdict.outcome.upper()} ({basis}). {verdict.reason}"]
     rows = [
         (
             c.attack.upper(),
             c.name,
-            _pct(c.threshold),
-            _pct(c.observed),
-            f"[{_pct(c.lower)}, {_pct(c.upper)}]",
+            _value(c.name, c.threshold),
+            _value(c.name, c.observed),
+            f"[{_value(c.name, c.lower)}, {_value(c.name, c.upper)}]",
             c.outcome,
         )
         for c in verdict.checks

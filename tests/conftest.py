@@ -27,6 +27,19 @@ DEFAULT_THREADS = int(os.environ.get("BULWARK_TEST_THREADS", max(1, ALL_THREADS 
 torch.set_num_threads(DEFAULT_THREADS)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _reference_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """``bulwark audit --reference auto`` caches references under $BULWARK_CACHE_DIR: a
+    session's own folder, never the user's ~/.cache (and shared by the session's tests)."""
+    before = os.environ.get("BULWARK_CACHE_DIR")
+    os.environ["BULWARK_CACHE_DIR"] = str(tmp_path_factory.mktemp("bulwark-cache"))
+    yield
+    if before is None:
+        os.environ.pop("BULWARK_CACHE_DIR", None)
+    else:
+        os.environ["BULWARK_CACHE_DIR"] = before
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _slow_modules_use_every_core(request: pytest.FixtureRequest) -> Iterator[None]:
     marks = getattr(request.module, "pytestmark", [])

@@ -360,13 +360,18 @@ def test_cli_policy_verdicts_and_exit_codes(digits_checkpoint, tmp_path, capsys,
 
     # Every instance a success (the audit's own result, rewritten): any success fails 0%.
     import core.audit
+    from core.report import Rate
 
     real = core.audit.run_audit
 
     def all_succeed(*args, **kwargs):
         report = real(*args, **kwargs)
         fc = report.attacks["fc"]
-        fc = fc.model_copy(update={"successes": fc.instances, "asr": 1.0})
+        trials = fc.headline.trials
+        every = Rate(successes=trials, trials=trials, rate=1.0, wilson95=(0.5, 1.0))
+        fc = fc.model_copy(
+            update={"successes": fc.instances, "asr": 1.0, "asr_correct_targets": every}
+        )
         return report.model_copy(update={"attacks": {"fc": fc}})
 
     monkeypatch.setattr(core.audit, "run_audit", all_succeed)
@@ -451,7 +456,7 @@ def test_a_toy_attack_added_through_the_registry_runs_in_an_audit(digits_checkpo
 
             name: ClassVar[str] = "toy"
 
-            def craft(self, model, context, target_features, bases, callback):
+            def craft(self, model, context, target_features, bases, callback, active):
                 context.require("poison_classes", "head_weight", "clean_features")
                 lower, upper = budget_box(bases, self.delta)
                 poisons = torch.clamp(bases + self.delta, lower, upper)

@@ -13,10 +13,19 @@ from typing import Any
 import numpy as np
 import pytest
 from PIL import Image
+from report_fixtures import CLASSES, full_report, legacy_report
 
 from core.pictures import MIN_TILE, poison_grid_png
 from core.report import AuditReport, percent
-from core.report_page import PLOT_HEIGHT, asr_chart_svg, render_report_html
+from core.report_page import (
+    MODEL_COLOR,
+    PANEL_HEIGHT,
+    PANEL_TOP,
+    PLOT_HEIGHT,
+    asr_chart_svg,
+    budget_chart_svg,
+    render_report_html,
+)
 
 SVG = "{http://www.w3.org/2000/svg}"
 
@@ -146,8 +155,11 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed")
 def test_a_headless_browser_renders_the_page(tmp_path: Path) -> None:
+    # The full /3 report: verdict, reference, pairs, notes, both charts and the poison grids.
     page = tmp_path / "report.html"
-    page.write_text(render_report_html(sample_report(), {"fc": sample_grid(), "cp": sample_grid()}))
+    page.write_text(
+        render_report_html(full_report(), {"fc": sample_grid(28), "bp": sample_grid(28)})
+    )
     shot = tmp_path / "out.png"
     subprocess.run(
         [
@@ -156,7 +168,7 @@ def test_a_headless_browser_renders_the_page(tmp_path: Path) -> None:
             "--no-sandbox",
             "--disable-gpu",
             f"--screenshot={shot}",
-            "--window-size=1200,1600",
+            "--window-size=1200,2400",
             page.as_uri(),
         ],
         check=True,
@@ -165,6 +177,141 @@ def test_a_headless_browser_renders_the_page(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert shot.is_file()
-    pixels = np.asarray(Image.open(shot).convert("L"))
-    assert pixels.shape == (1600, 1200)
+    image = Image.open(shot).convert("RGB")
+    pixels = np.asarray(image.convert("L"))
+    assert pixels.shape == (2400, 1200)
     assert (pixels < 200).mean() > 0.01, "the screenshot is blank"
+    # The charts were drawn: the model's bars and lines are the only pixels of their color.
+    rgb = np.asarray(image).astype(int)
+    model = np.array([int(MODEL_COLOR[i : i + 2], 16) for i in (1, 3, 5)])
+    assert (np.abs(rgb - model).sum(axis=2) < 12).sum() > 2000, "no chart in the screenshot"
+
+
+def svg_of(text: str) -> ElementTree.Element:
+    root = ElementTree.fromstring(text)
+    assert root.tag == f"{SVG}svg"
+    return root
+
+
+def by_class(root: ElementTree.Element, tag: str, css_class: str) -> list[ElementTree.Element]:
+    return [e for e in root.iter(f"{SVG}{tag}") if e.get("class") == css_class]
+
+
+def test_the_chart_puts_the_reference_bar_beside_each_attack() -> None:
+    report = full_report()
+    root = svg_of(asr_chart_svg(report))
+    assert report.reference is not None
+    groups = [g for g in root.iter(f"{SVG}g") if g.get("class") == "attack"]
+    assert [g.get("data-attack") for g in groups] == ["fc", "bp"]
+    for group in groups:
+        name = group.get("data-attack") or ""
+        (bar,) = by_class(group, "rect", "bar")
+        (reference_bar,) = by_class(group, "rect", "ref-bar")
+        # Each bar is as high as its headline: the model's and the reference's.
+        headline = report.attacks[name].headline.rate
+        reference = report.reference.attacks[name].headline.rate
+        assert float(bar.get("height") or "nan") == pytest.approx(headline * PLOT_HEIGHT, abs=0.01)
+        assert float(reference_bar.get("height") or "nan") == pytest.approx(
+            reference * PLOT_HEIGHT, abs=0.01
+        )
+        assert float(bar.get("x") or 0) < float(reference_bar.get("x") or 0)
+        assert bar.get("fill") != reference_bar.get("fill")
+        assert len(by_class(group, "line", "interval")) == 2
+        assert len(by_class(group, "line", "baseline")) == 2
+    text = "".join(root.itertext())
+    # BP's ASR is a lower bound (3 instances unreached); the legend names both bars.
+    assert "≥27.8%" in text and "11.1%" in text and "59.5%" in text
+    assert "undefended reference" in text and "95% Wilson interval" in text
+    assert "among the targets the clean model classifies correctly" in text
+
+
+def polyline_points(line: ElementTree.Element) -> list[tuple[float, float]]:
+    pairs = (point.split(",") for point in (line.get("points") or "").split())
+    return [(float(x), float(y)) for x, y in pairs]
+
+
+def test_the_budget_chart_has_two_panels_with_model_and_reference_lines() -> None:
+    report = full_report()
+    curve = report.budget_curve
+    assert curve is not None
+    root = svg_of(budget_chart_svg(report))
+    panels = [g for g in root.iter(f"{SVG}g") if g.get("class") == "panel"]
+    assert len(panels) == 2
+    for panel, points in zip(panels, (curve.delta_points, curve.poisons_points), strict=True):
+        (model,) = by_class(panel, "polyline", "model-line")
+        (reference,) = by_class(panel, "polyline", "ref-line")
+        for line, rates in (
+            (model, [p.model for p in points]),
+            (reference, [p.reference for p in points]),
+        ):
+            xy = polyline_points(line)
+            assert len(xy) == len(points) == 4
+            # x grows with the budget; y is the rate on the panel's 0-100% scale.
+            assert [x for x, _ in xy] == sorted(x for x, _ in xy)
+            for (_, y), rate in zip(xy, rates, strict=True):
+                assert rate is not None
+                assert y == pytest.approx(PANEL_TOP + PANEL_HEIGHT * (1 - rate.rate), abs=0.01)
+        assert len(by_class(panel, "circle", "model-line-point")) == 4
+        assert len(by_class(panel, "circle", "ref-line-point")) == 4
+        assert len(by_class(panel, "line", "interval")) == 8
+    text = "".join(root.itertext())
+    for label in (
+        "BP budget curve",
+        "ASR vs delta (5 poisons per instance)",
+        "ASR vs poisons (delta 25.5/255)",
+        "l-inf budget delta (/255)",
+        "poisons per instance",
+        "25.5",
+        "100%",
+        "undefended reference",
+    ):
+        assert label in text, label
+
+    without = full_report(budget=False)
+    with pytest.raises(ValueError, match="no budget curve"):
+        budget_chart_svg(without)
+    # Without a reference the chart has the model's lines only.
+    alone = svg_of(budget_chart_svg(full_report(reference=False)))
+    assert by_class(alone, "polyline", "ref-line") == []
+    assert len(by_class(alone, "polyline", "model-line")) == 2
+
+
+def test_the_page_has_every_section_of_a_v3_report_escaped() -> None:
+    classes = [*CLASSES[:6], "Shirt <b>&", *CLASSES[7:]]
+    report = full_report(path="/v1/models/<m&1>")
+    report = report.model_copy(
+        update={"dataset": report.dataset.model_copy(update={"classes": classes})}
+    )
+    page = render_report_html(report, {"fc": sample_grid()})
+    assert "<b>" not in page and "<m&1>" not in page
+    assert "Shirt &lt;b&gt;&amp; -&gt; T-shirt/top" in page  # the pair table, escaped
+    sections = [
+        "<h2>Verdict</h2>",
+        "<h2>Headline: model vs undefended reference</h2>",
+        "<h2>Attack success rate</h2>",
+        "<h2>Pairs</h2>",
+        "<h2>Budget curve</h2>",
+        "<h2>Poisons</h2>",
+    ]
+    positions = [page.index(section) for section in sections]
+    assert positions == sorted(positions)
+    assert 'class="verdict inconclusive"' in page
+    assert "max_asr_relative_to_reference" in page and "0.50x" in page
+    assert "-31.7 pp [-50.2, -8.9]" in page  # the comparison table
+    assert "pre-trained by Bulwark without a defense (auto)" in page
+    assert "3 of 40 instances not reached" in page
+    assert "4 of 40 targets already misclassified by the clean model" in page
+    assert "6 -&gt; 0 (closest, confusion 0.21)" in page
+    assert "25.5/255" in page and "83.8% (31/37)" in page  # the budget table
+    assert page.count("<svg") == 2
+    assert "http://" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")
+    assert "https://" not in page and "<script" not in page and "<link" not in page
+
+    plain = render_report_html(full_report(reference=False, budget=False), {})
+    assert "reference: none (the audit was asked for none)" in plain
+    assert "<h2>Headline</h2>" in plain and "vs undefended reference" not in plain
+    assert "Budget curve" not in plain and plain.count("<svg") == 1
+    # An old report: no verdict, reference, pairs or budget sections.
+    old = render_report_html(legacy_report(), {})
+    for section in ("Verdict", "Headline", "<h2>Pairs", "Budget curve"):
+        assert section not in old

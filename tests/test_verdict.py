@@ -7,7 +7,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from catalog.policy import Policy, read_policy
+from catalog.policy import DEFAULT_POLICY, Policy, read_policy
 from core.report import (
     AttackResult,
     AuditReport,
@@ -213,3 +213,51 @@ def test_policies_are_validated():
             read_policy(invalid)
     with pytest.raises(ValidationError):  # frozen
         policy.confidence = 0.9  # type: ignore[misc]
+
+
+def test_the_verdict_records_the_policy_that_decided_and_its_version():
+    report = _report(_attack("fc", 0, 100), _attack("bp", 40, 50))
+    policy = read_policy('{"default": {"max_asr": 0.2}, "attacks": {"fc": {"max_asr": 0.05}}}')
+    local = decide(report, policy)
+    assert local.policy == policy and local.policy_version is None
+    stored = decide(report, policy, version=3)
+    assert stored.policy == policy and stored.policy_version == 3
+    assert stored.outcome == local.outcome == "fail"
+    # A report with no check to make records its policy too.
+    unchecked = decide(report, Policy(attacks={"cp": {"max_asr": 0.1}}), version=1)
+    assert unchecked.outcome == "inconclusive" and unchecked.policy_version == 1
+    assert unchecked.policy is not None and set(unchecked.policy.attacks) == {"cp"}
+    # The source in one phrase on the verdict line: a stored version, the default, a file.
+    assert render_verdict(stored).startswith(
+        "verdict: FAIL (95% one-sided bounds; tenant policy v3)."
+    )
+    by_default = render_verdict(decide(report, DEFAULT_POLICY))
+    assert by_default.startswith("verdict: ") and "; default policy)." in by_default.splitlines()[0]
+    assert render_verdict(local).startswith("verdict: FAIL (95% one-sided bounds). BP fails")
+
+
+def test_a_recorded_policy_reads_back_with_the_same_meaning():
+    # An attack's entry overrides only the fields it gives: written with its unset fields as
+    # nulls, FC would read back with the default's baseline check turned off.
+    policy = read_policy(
+        '{"default": {"max_asr": 0.2, "max_asr_above_baseline": 0.1},'
+        ' "attacks": {"fc": {"max_asr": 0.1}, "bp": {"max_asr_above_baseline": null}}}'
+    )
+    report = _report(_attack("fc", 0, 100))
+    with_verdict = report.model_copy(update={"verdict": decide(report, policy, version=2)})
+    document = json.loads(with_verdict.model_dump_json())
+    assert document["verdict"]["policy_version"] == 2
+    assert document["verdict"]["policy"]["attacks"] == {
+        "fc": {"max_asr": 0.1},
+        "bp": {"max_asr_above_baseline": None},
+    }
+    recorded = read_report(document).verdict
+    assert recorded is not None and recorded.policy is not None
+    for attack in ("fc", "bp", "cp"):
+        assert recorded.policy.thresholds_for(attack) == policy.thresholds_for(attack)
+    assert recorded.policy.thresholds_for("fc") == {"max_asr": 0.1, "max_asr_above_baseline": 0.1}
+    # A verdict written before policies were recorded reads with neither.
+    document["verdict"].pop("policy")
+    document["verdict"].pop("policy_version")
+    old = read_report(document).verdict
+    assert old is not None and old.policy is None and old.policy_version is None

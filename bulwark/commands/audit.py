@@ -9,9 +9,16 @@ A ``torch.export`` program (``--model extractor.pt2``) of any architecture is ch
 loaded without unpickling anything (``core.exported``); ``--input-shape`` defaults to the
 dataset's image shape, ``--output logits`` splits off the program's final linear layer.
 
-``--policy policy.json`` turns the audit into a verdict (``catalog.policy``, docs/policy.md):
-the verdict line and its checks are printed, the report gets a ``verdict`` key, and the exit
-code says it. ``--json`` prints the report's JSON to stdout instead of the tables.
+Every audit ends with a verdict (``catalog.policy``, docs/policy.md): under ``--policy
+policy.json``, else under Bulwark's default policy. The verdict line and its checks are
+printed and the report gets a ``verdict`` key; with ``--policy`` the exit code says it.
+
+The report reads the model against an undefended reference audited on the same instances
+(``--reference``: ``auto`` pre-trains the model's architecture without a defense once and
+caches it; a checkpoint folder; or ``none``), over explicit ``--pairs`` and the pairs of
+``--pair-sets`` (default: the two the clean model confuses most and two random ones), with an
+optional budget curve (``--budget-deltas``, ``--budget-poisons``). ``--json`` prints the
+report's JSON to stdout instead of the tables.
 
 Exit codes: 0 the audit ran (and, with --policy, passed); 1 the policy failed; 3 the policy's
 verdict is inconclusive (too few instances to decide); 2 usage errors (bad flags, a missing,
@@ -22,12 +29,13 @@ audit work starts where they can be.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from bulwark.commands.requests import (
     dataset_argument,
@@ -38,10 +46,12 @@ from bulwark.commands.requests import (
     split_argument,
 )
 from catalog import ATTACKS, DATASETS, DEFAULT_ATTACKS
-from catalog.requests import PAPER_PAIRS, AuditRequest
+from catalog.requests import DEFAULT_PAIR_SETS, PAIR_SETS, PAPER_PAIRS, AuditRequest
 
 if TYPE_CHECKING:
     from catalog.policy import Policy
+    from core.config import AuditConfig
+    from core.progress import ProgressCallback
     from core.report import AuditReport
 
 
@@ -61,6 +71,30 @@ def _pairs(text: str) -> list[tuple[int, int]]:
 
 def _attacks(text: str) -> list[str]:
     return [name.strip().lower() for name in text.split(",") if name.strip()]
+
+
+def _pair_sets(text: str) -> list[str]:
+    return [name.strip().lower() for name in text.split(",") if name.strip()]
+
+
+def _deltas(text: str) -> list[float]:
+    """``4/255,0.1`` -> [0.0157, 0.1]."""
+    values = []
+    for item in text.split(","):
+        numerator, slash, denominator = item.strip().partition("/")
+        try:
+            value = float(numerator) / (float(denominator) if slash else 1.0)
+        except (ValueError, ZeroDivisionError):
+            raise argparse.ArgumentTypeError(f"expected numbers or N/255, got {item!r}") from None
+        values.append(value)
+    return values
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        return [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers, got {text!r}") from None
 
 
 def _input_shape(text: str) -> tuple[int, int, int]:
@@ -115,7 +149,45 @@ def add_parser(subparsers: Any, name: str, help_text: str) -> argparse.ArgumentP
         help="an attack's setting, e.g. --attack-set fc.mu=0.2 --attack-set bp.poisons=10",
     )
     parser.add_argument(
-        "--pairs", type=_pairs, help=f"TARGET:POISON class pairs (default: {paper_pairs})"
+        "--pairs",
+        type=_pairs,
+        help=f"explicit TARGET:POISON class pairs, e.g. {paper_pairs} (the paper's)",
+    )
+    parser.add_argument(
+        "--pair-sets",
+        type=_pair_sets,
+        metavar="SET,...",
+        help=f"more pairs from {','.join(PAIR_SETS)} (default: {','.join(DEFAULT_PAIR_SETS)} "
+        "without --pairs, none with them)",
+    )
+    parser.add_argument("--closest-pairs", type=int, help="pairs the closest set adds (2)")
+    parser.add_argument("--random-pairs", type=int, help="pairs the random set adds (2)")
+    parser.add_argument(
+        "--reference",
+        default="auto",
+        metavar="auto|none|PATH",
+        help="the undefended reference audited on the same instances: a checkpoint folder, "
+        "auto (pre-train the model's architecture without a defense, cached in "
+        "--reference-cache) or none (default: auto)",
+    )
+    parser.add_argument(
+        "--reference-cache",
+        type=Path,
+        metavar="DIR",
+        help="where auto references are kept (default: $BULWARK_CACHE_DIR/references, else "
+        "~/.cache/bulwark/references)",
+    )
+    parser.add_argument(
+        "--budget-deltas",
+        type=_deltas,
+        metavar="D,...",
+        help="budget curve: deltas in [0,1] or as N/255, e.g. 4/255,8/255,16/255,25.5/255",
+    )
+    parser.add_argument(
+        "--budget-poisons", type=_counts, metavar="K,...", help="budget curve: poisons, e.g. 1,5,10"
+    )
+    parser.add_argument(
+        "--budget-attack", help="the attack the curve sweeps (default: bp if run, else the first)"
     )
     parser.add_argument("--targets-per-pair", type=int, help="default: 10")
     parser.add_argument("--iterations", type=int, help="default: 500")
@@ -192,6 +264,10 @@ def build_request(args: argparse.Namespace) -> tuple[AuditRequest, str | None]:
             attacks=args.attacks,
             attack_settings=_attack_settings(args.attack_settings) or None,
             pairs=args.pairs,
+            pair_sets=args.pair_sets,
+            closest_pairs=args.closest_pairs,
+            random_pairs=args.random_pairs,
+            budget=_budget(args),
             targets_per_pair=args.targets_per_pair,
             iterations=args.iterations,
             delta=args.delta,
@@ -200,6 +276,12 @@ def build_request(args: argparse.Namespace) -> tuple[AuditRequest, str | None]:
         )
     )
     return request, args.data_dir or folder
+
+
+def _budget(args: argparse.Namespace) -> dict[str, Any] | None:
+    if not (args.budget_deltas or args.budget_poisons or args.budget_attack):
+        return None
+    return given(attack=args.budget_attack, deltas=args.budget_deltas, poisons=args.budget_poisons)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -226,6 +308,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"bulwark audit: {error}", file=sys.stderr)
         return 2
 
+    from catalog.policy import DEFAULT_POLICY
     from core.audit import run_audit
     from core.errors import BulwarkError
     from core.progress import Progress
@@ -256,11 +339,16 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         with _model_folder(args) as model:
+            config = config.model_copy(update={"model": model})
+            reference, source, note = _reference(args, config, show)
             report = run_audit(
-                config.model_copy(update={"model": model}),
+                config.model_copy(update={"reference": reference}),
                 progress=show,
                 poisons_dir=args.save_poisons,
+                reference_source=source,
             )
+        if note is not None:
+            report = report.model_copy(update={"reference_note": note})
         report = _named_model(report, str(args.model))
     except BulwarkError as error:
         print(f"bulwark audit: {error.user_message}", file=sys.stderr)
@@ -268,26 +356,66 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for bar in bars.values():
             bar.close()
-    verdict = None if policy is None else decide(report, policy)
-    if verdict is not None:
-        report = report.model_copy(update={"verdict": verdict})
+    # Every audit ends with a verdict: under --policy, else under Bulwark's default policy
+    # (catalog.policy.DEFAULT_POLICY); only a --policy verdict sets the exit code.
+    verdict = decide(report, policy or DEFAULT_POLICY)
+    report = report.model_copy(update={"verdict": verdict})
     report.write(args.out)
     if args.json:
         # stdout carries the JSON alone; the human lines go to stderr.
         print(report.model_dump_json(indent=2))
-        if verdict is not None:
-            print(render_verdict(verdict).splitlines()[0], file=sys.stderr)
+        print(render_verdict(verdict).splitlines()[0], file=sys.stderr)
         print(f"report written to {args.out}", file=sys.stderr)
     else:
         print(render_asr_table(report))
-        if verdict is not None:
-            print(render_verdict(verdict))
+        print(render_verdict(verdict))
         print(f"total {report.timings['total']:.1f}s")
         print(f"report written to {args.out}")
-    return EXIT_CODES[verdict.outcome] if verdict is not None else 0
+    return EXIT_CODES[verdict.outcome] if policy is not None else 0
 
 
 EXIT_CODES = {"pass": 0, "fail": 1, "inconclusive": 3}
+
+
+def _reference(
+    args: argparse.Namespace, config: AuditConfig, progress: ProgressCallback
+) -> tuple[str | None, Literal["named", "auto"], str | None]:
+    """(reference folder or None, how it was chosen, why there is none).
+
+    ``auto`` pre-trains the model's undefended twin once into the cache (``core.reference``)
+    and reuses it; an audit whose model has no automatic reference runs without one and says
+    why in the report.
+    """
+    if args.reference == "none":
+        return None, "named", "no reference: --reference none"
+    if args.reference != "auto":
+        return str(args.reference), "named", None
+    from core.checkpoint import load_extractor
+    from core.reference import (
+        NoAutoReferenceError,
+        auto_reference_config,
+        ensure_reference,
+        reference_key,
+    )
+
+    loaded = load_extractor(config.model)
+    manifest = {**loaded.manifest, "arch": loaded.model.arch}
+    try:
+        pretrain = auto_reference_config(manifest, config)
+    except NoAutoReferenceError as error:
+        return None, "auto", error.user_message
+    data_identity = str(args.dataset[1] or config.data_dir or config.dataset)
+    folder = _reference_cache(args) / reference_key(pretrain, data_identity)
+    print(f"bulwark audit: auto reference {folder}", file=sys.stderr)
+    ensure_reference(pretrain, folder, progress=progress)
+    return str(folder), "auto", None
+
+
+def _reference_cache(args: argparse.Namespace) -> Path:
+    if args.reference_cache is not None:
+        return Path(args.reference_cache)
+    root = os.environ.get("BULWARK_CACHE_DIR")
+    return (Path(root) if root else Path.home() / ".cache" / "bulwark") / "references"
 
 
 def _read_policy(path: Path) -> Policy | None:

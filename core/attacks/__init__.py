@@ -12,10 +12,12 @@ here with a registered :class:`Attack` subclass, and its tests (docs/architectur
 
 from core.attacks import bp, cp, fc  # noqa: F401  (each module registers its attack)
 from core.attacks.base import (
+    ActiveRows,
     Attack,
     AttackContext,
     Crafted,
     CraftResult,
+    EarlyStop,
     FeatureExtractor,
     StepCallback,
     budget_box,
@@ -28,12 +30,14 @@ from core.attacks.registry import IMPLEMENTATIONS, attack_class, register_attack
 
 __all__ = [
     "IMPLEMENTATIONS",
+    "ActiveRows",
     "Attack",
     "AttackContext",
     "BullseyePolytope",
     "ConvexPolytope",
     "CraftResult",
     "Crafted",
+    "EarlyStop",
     "FeatureCollision",
     "FeatureExtractor",
     "StepCallback",

@@ -35,6 +35,59 @@ from core.device import autocast
 StepCallback = Callable[[int, int, float], None]
 
 
+@dataclass(frozen=True)
+class EarlyStop:
+    """Stop crafting the instances whose poisons already succeed.
+
+    Every ``every`` iterations the attack calls ``succeeded(indices, poisons)`` with the
+    indices (into the batch) of the instances still being crafted and their current poisons
+    (m, k, C, H, W); an instance it returns True for keeps those poisons and takes no more
+    forward or backward passes. The attacker of the threat model would stop there too: the
+    poisons already do what they were made for.
+    """
+
+    every: int
+    succeeded: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"every must be at least 1, got {self.every}")
+
+
+class ActiveRows:
+    """The instances an attack still crafts: all of them (``rows`` None, the plain batched
+    path, untouched) or, under an :class:`EarlyStop`, the index tensor of those left."""
+
+    def __init__(self, count: int, early_stop: EarlyStop | None, device: torch.device) -> None:
+        self.count, self.early_stop = count, early_stop
+        self.rows: torch.Tensor | None = None
+        self._all = torch.arange(count, device=device)
+        self.work = 0  # poison forward-backward passes (instances x poisons x iterations)
+
+    @property
+    def indices(self) -> torch.Tensor:
+        return self._all if self.rows is None else self.rows
+
+    @property
+    def done(self) -> bool:
+        return self.rows is not None and len(self.rows) == 0
+
+    def count_step(self, poisons_per_instance: int) -> None:
+        self.work += len(self.indices) * poisons_per_instance
+
+    def check(self, iteration: int, poisons: torch.Tensor) -> bool:
+        """After ``iteration`` iterations: drop the instances that succeed; True if any was."""
+        stop = self.early_stop
+        if stop is None or iteration % stop.every or len(self.indices) == 0:
+            return False
+        left = self.indices
+        succeeded = stop.succeeded(left, poisons[left].detach()).to(left.device)
+        if not bool(succeeded.any()):
+            return False
+        self.rows = left[~succeeded]
+        return True
+
+
 class FeatureExtractor(Protocol):
     """What the attacks need of a model: ``features(x)`` = f(x), (N, C, H, W) -> (N, D)."""
 
@@ -94,6 +147,9 @@ class CraftResult:
     relative_distance: torch.Tensor  # (I,)
     linf: torch.Tensor  # (I,) max_j ||x_p^j - x_b^j||_inf achieved
     objective: torch.Tensor  # (iterations + 1, I)
+    # Poison forward-backward passes the crafting took (instances x poisons x iterations,
+    # less what an EarlyStop saved): the measure of crafting work.
+    work: int = 0
 
 
 @dataclass(frozen=True)
@@ -104,6 +160,7 @@ class Crafted:
     coefficients: torch.Tensor  # (I, k)
     objective: list[torch.Tensor]  # iterations + 1 tensors of shape (I,)
     per_poison_distance: bool  # FC scores each poison alone; the polytopes their mixture
+    work: int = 0  # poison forward-backward passes taken
 
 
 @contextmanager
@@ -182,19 +239,22 @@ class Attack:
         context: AttackContext,
         *,
         callback: StepCallback | None = None,
+        early_stop: EarlyStop | None = None,
     ) -> CraftResult:
         """Craft poisons from ``context.bases`` against ``context.targets``.
 
         ``model`` needs ``features(x)``; it must sit on the device of the context's tensors.
         It is put in eval mode with frozen parameters for the call and restored afterwards.
+        ``early_stop`` stops crafting instances whose poisons already succeed.
         """
         # float32 unless the caller works in float64 (exactness tests run a float64 model).
         work = torch.float64 if context.bases.dtype == torch.float64 else torch.float32
         targets, bases = context.targets.to(work), context.bases.to(work)
         with frozen(model), torch.no_grad():
             target_features = self.features(model, targets)
+        active = ActiveRows(len(bases), early_stop, bases.device)
         with frozen(model):
-            crafted = self.craft(model, context, target_features, bases, callback)
+            crafted = self.craft(model, context, target_features, bases, callback, active)
         return self._measure(model, targets, bases, crafted)
 
     def craft(
@@ -204,8 +264,12 @@ class Attack:
         target_features: torch.Tensor,
         bases: torch.Tensor,
         callback: StepCallback | None,
+        active: ActiveRows,
     ) -> Crafted:
-        """The attack's optimization: poisons from ``bases`` (in the working dtype)."""
+        """The attack's optimization: poisons from ``bases`` (in the working dtype).
+
+        ``active`` holds the instances still crafted: an attack crafts only those, counts its
+        work there, and calls ``active.check`` after each iteration."""
         raise NotImplementedError
 
     # ---- helpers for subclasses ------------------------------------------------------------
@@ -266,4 +330,5 @@ class Attack:
             relative_distance=distance / target_features.norm(dim=-1).clamp_min(1e-12),
             linf=(poisons - bases).abs().flatten(2).amax(-1).amax(-1),
             objective=torch.stack(crafted.objective),
+            work=crafted.work,
         )

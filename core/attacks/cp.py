@@ -9,7 +9,15 @@ import torch
 from torch import nn
 
 from catalog.attacks import ConvexPolytopeSettings, PolytopeSettings
-from core.attacks.base import Attack, AttackContext, Crafted, StepCallback, budget_box, chunks
+from core.attacks.base import (
+    ActiveRows,
+    Attack,
+    AttackContext,
+    Crafted,
+    StepCallback,
+    budget_box,
+    chunks,
+)
 from core.attacks.registry import register_attack
 
 
@@ -78,6 +86,7 @@ class ConvexPolytope(Attack):
         target_features: torch.Tensor,
         bases: torch.Tensor,
         callback: StepCallback | None,
+        active: ActiveRows,
     ) -> Crafted:
         n, k = bases.shape[:2]
         lower, upper = budget_box(bases, self.delta)
@@ -85,30 +94,56 @@ class ConvexPolytope(Attack):
         x = bases.clone()  # a leaf the optimizer updates in place
         optimizer = torch.optim.Adam([x], lr=self.polytope.lr, betas=self.betas, eps=1e-8)
         c = torch.full((n, k), 1.0 / k, device=x.device, dtype=x.dtype)
-        history = []
+        history: list[torch.Tensor] = []
+        kept = x.detach().clone()  # the poisons of instances whose crafting stopped
         for iteration in range(self.iterations + 1):
             measuring_only = iteration == self.iterations  # the last pass just scores the result
+            rows = active.indices
             losses, grads = [], []
-            for part in chunks(n, self.images_per_chunk(k)):
-                chunk = x[part].detach().requires_grad_(not measuring_only)
+            for part in chunks(len(rows), self.images_per_chunk(k)):
+                # The plain batched path slices; once instances stop, their rows are indexed.
+                index = part if active.rows is None else rows[part]
+                chunk = x[index].detach().requires_grad_(not measuring_only)
                 with torch.set_grad_enabled(not measuring_only):
                     features = self.poison_features(model, chunk)
                     if self.learn_coefficients:
-                        c[part] = self._update_coefficients(
-                            features.detach(), target_features[part], c[part]
+                        c[index] = self._update_coefficients(
+                            features.detach(), target_features[index], c[index]
                         )
-                    mix = torch.einsum("nk,nkd->nd", c[part], features)
-                    loss = 0.5 * (mix - target_features[part]).square().sum(-1) / target_sq[part]
+                    mix = torch.einsum("nk,nkd->nd", c[index], features)
+                    loss = 0.5 * (mix - target_features[index]).square().sum(-1) / target_sq[index]
                 if not measuring_only:
                     (grad,) = torch.autograd.grad(loss.sum(), chunk)
                     grads.append(grad)
                 losses.append(loss.detach())
-            history.append(torch.cat(losses))
+            if active.rows is None:
+                history.append(torch.cat(losses))
+            else:  # stopped instances keep their last objective
+                current = history[-1].clone()
+                if len(rows):
+                    current[rows] = torch.cat(losses)
+                history.append(current)
+            active.count_step(k)
             if measuring_only:
                 break
-            x.grad = torch.cat(grads)
+            if active.rows is None:
+                x.grad = torch.cat(grads)
+            else:
+                x.grad = torch.zeros_like(x)
+                x.grad[rows] = torch.cat(grads)
             optimizer.step()
             x.clamp_(lower, upper)
+            if active.rows is not None:
+                # Adam's momentum would still move a stopped instance: put its poisons back.
+                stopped = torch.ones(n, dtype=torch.bool, device=x.device)
+                stopped[rows] = False
+                with torch.no_grad():
+                    x[stopped] = kept[stopped]
             if callback is not None:
                 callback(iteration + 1, self.iterations, float(history[-1].mean()))
-        return Crafted(x.detach(), c, history, per_poison_distance=False)
+            if active.check(iteration + 1, x):
+                kept.copy_(x.detach())
+            if active.done:
+                history.append(history[-1])
+                break
+        return Crafted(x.detach(), c, history, per_poison_distance=False, work=active.work)

@@ -9,7 +9,15 @@ import torch
 from torch import nn
 
 from catalog.attacks import FeatureCollisionSettings
-from core.attacks.base import Attack, AttackContext, Crafted, StepCallback, budget_box, chunks
+from core.attacks.base import (
+    ActiveRows,
+    Attack,
+    AttackContext,
+    Crafted,
+    StepCallback,
+    budget_box,
+    chunks,
+)
 from core.attacks.registry import register_attack
 
 
@@ -73,36 +81,49 @@ class FeatureCollision(Attack):
         target_features: torch.Tensor,
         bases: torch.Tensor,
         callback: StepCallback | None,
+        active: ActiveRows,
     ) -> Crafted:
         n, k = bases.shape[:2]
         mu = self.fc.mu
         lower, upper = budget_box(bases, self.delta)
         target_sq = target_features.square().sum(-1).clamp_min(1e-12)
         pixels = bases[0, 0].numel()
-        view = (n, k, 1, 1, 1)
 
         x = bases.clone()
         objective, grad = self._evaluate(model, x, bases, target_features, target_sq, True)
         assert grad is not None
+        active.count_step(k)
         # The first step moves each poison's largest-gradient pixel by `step`.
         lam = self.fc.step / grad.abs().flatten(2).amax(-1).clamp_min(1e-20)
         history = [objective.mean(1)]
         for iteration in range(self.iterations):
             last = iteration == self.iterations - 1
-            rate = 2.0 * lam.view(view) * mu / pixels
-            proposal = (x - lam.view(view) * grad + rate * bases) / (1.0 + rate)
-            proposal = torch.clamp(proposal, lower, upper)
-            new_objective, new_grad = self._evaluate(
-                model, proposal, bases, target_features, target_sq, not last
+            # Every instance while none has stopped (the plain batched step); else the rows
+            # of those still crafted, written back in place.
+            rows = active.rows if active.rows is not None else slice(None)
+            m = n if active.rows is None else len(active.rows)
+            view = (m, k, 1, 1, 1)
+            x_rows, lam_rows, bases_rows = x[rows], lam[rows], bases[rows]
+            rate = 2.0 * lam_rows.view(view) * mu / pixels
+            proposal = (x_rows - lam_rows.view(view) * grad[rows] + rate * bases_rows) / (
+                1.0 + rate
             )
-            accept = new_objective <= objective
-            x = torch.where(accept.view(view), proposal, x)
-            objective = torch.where(accept, new_objective, objective)
+            proposal = torch.clamp(proposal, lower[rows], upper[rows])
+            new_objective, new_grad = self._evaluate(
+                model, proposal, bases_rows, target_features[rows], target_sq[rows], not last
+            )
+            active.count_step(k)
+            accept = new_objective <= objective[rows]
+            x[rows] = torch.where(accept.view(view), proposal, x_rows)
+            objective[rows] = torch.where(accept, new_objective, objective[rows])
             if new_grad is not None:
-                grad = torch.where(accept.view(view), new_grad, grad)
-            lam = torch.where(accept, lam * self.grow, lam * self.shrink)
+                grad[rows] = torch.where(accept.view(view), new_grad, grad[rows])
+            lam[rows] = torch.where(accept, lam_rows * self.grow, lam_rows * self.shrink)
             history.append(objective.mean(1))
             if callback is not None:
                 callback(iteration + 1, self.iterations, float(history[-1].mean()))
+            active.check(iteration + 1, x)
+            if active.done:
+                break
         coefficients = torch.full((n, k), 1.0 / k, device=x.device, dtype=x.dtype)
-        return Crafted(x, coefficients, history, per_poison_distance=True)
+        return Crafted(x, coefficients, history, per_poison_distance=True, work=active.work)
