@@ -8,7 +8,17 @@ from fastapi import FastAPI
 
 from api.deps import SigningKeySource
 from api.errors import install_error_handlers
-from api.routes import datasets, health, jobs, models, report_pages, signing
+from api.routes import (
+    datasets,
+    health,
+    jobs,
+    models,
+    policies,
+    report_pages,
+    signing,
+    webhooks,
+)
+from api.webhook_pump import webhook_lifespan
 from common.artifacts import make_artifact_store
 from common.db import make_engine, make_session_factory
 from common.queue import make_celery
@@ -30,6 +40,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=package_version(),
         description="Robust pre-training and clean-label poisoning audits of feature "
         "extractors. Every /v1 route needs `Authorization: Bearer <key>`.",
+        lifespan=webhook_lifespan,  # the webhook delivery pump runs while the app serves
     )
     signing_key = SigningKeySource(settings)
     if settings.environment == "production":
@@ -50,6 +61,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         datasets.router,
         jobs.router,
         report_pages.router,
+        policies.router,
+        webhooks.router,
     ):
         app.include_router(router)
     return app

@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     datasets_dir: Path | None = None
 
     queue: str = "gpu"  # the Celery queue GPU workers consume
+    # The API accepts .onnx uploads only where this is set: the deployment's workers have the
+    # `onnx` extra with a torchvision that imports (docker/: the worker image). Elsewhere an
+    # .onnx upload answers 415 pointing to torch.export.
+    onnx_enabled: bool = False
     max_upload_bytes: int = Field(1 << 30, ge=1)  # 1 GiB: a ResNet-50 is about 100 MB
     # A job's lease: a worker renews it every lease_seconds / 3 while it runs; a running job
     # whose lease ran out belongs to a dead worker and may be taken over.
@@ -55,6 +59,17 @@ class Settings(BaseSettings):
     # The deployment's Ed25519 private key (PEM, PKCS8) that signs audit reports; read by the
     # API only. Unset: <data_dir>/signing-key.pem, created on first use (refused in production).
     signing_key_file: Path | None = None
+    # Webhooks (docs/webhooks.md): the API's delivery pump polls every webhook_poll_seconds;
+    # a failed attempt is retried after backoff * 2**(attempt - 1) s (at most backoff_max),
+    # and a delivery is ``failed`` after webhook_max_attempts.
+    webhook_max_attempts: int = Field(12, ge=1)
+    webhook_backoff_seconds: float = Field(1.0, gt=0)
+    webhook_backoff_max_seconds: float = Field(600.0, gt=0)
+    webhook_timeout_seconds: float = Field(5.0, gt=0)
+    webhook_poll_seconds: float = Field(0.5, gt=0)
+    # Loopback, private, link-local and multicast targets are refused unless this is set
+    # (a tenant's URL must not reach the deployment's own network).
+    webhook_allow_private_targets: bool = False
 
     @model_validator(mode="after")
     def _production_needs_real_services(self) -> Self:

@@ -36,6 +36,7 @@ TORCH_FREE_CORE = (
     "core.archives",
     "core.verdict",
     "core.report_page",
+    "core.badge",
 )
 
 

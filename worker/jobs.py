@@ -4,6 +4,10 @@ Every task is idempotent. A conditional update claims the job: a queued job, or 
 whose lease ran out (its worker died). A finished job, a job another live worker holds, or a
 message for an unknown job is a no-op. Each claim counts an attempt; a job that has crashed its
 worker ``max_attempts`` times fails with a message instead of looping forever.
+
+A ``dataset`` job that ends failed or cancelled by any of these paths takes its pending dataset
+with it (``_finish``): the dataset's row becomes ``failed`` with the job's error in the same
+transaction, and its upload is deleted, so no dataset waits ``pending`` for a job that is over.
 """
 
 from __future__ import annotations
@@ -22,11 +26,17 @@ from celery import Celery
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from common.artifacts import ArtifactStore, make_artifact_store
+from common.artifacts import (
+    ArtifactStore,
+    dataset_data_key,
+    dataset_upload_key,
+    make_artifact_store,
+)
 from common.db import make_engine, make_session_factory, rows_matched
-from common.models import Job, JobStatus, utcnow
+from common.models import DatasetStatus, Job, JobStatus, TenantDataset, utcnow
 from common.queue import task_name
 from common.settings import Settings, get_settings
+from common.webhooks import record_job_event
 from core.errors import BulwarkError
 from core.progress import Progress
 
@@ -96,6 +106,8 @@ def claim_job(*, resources: Resources, job_id: uuid.UUID, worker: str) -> Job | 
                 )
             )
         )
+        if claimed:  # job.running (again, with its attempts, when a new worker takes over)
+            record_job_event(session, job_id)
         session.commit()
         job = session.get(Job, job_id)
         if job is None:
@@ -106,27 +118,31 @@ def claim_job(*, resources: Resources, job_id: uuid.UUID, worker: str) -> Job | 
                 job.started_at = now
                 session.commit()
             return job
-        _settle_unclaimable(session=session, job=job, settings=settings, now=now)
-        return None
+        settled = _settle_unclaimable(session=session, job=job, settings=settings, now=now)
+    _drop_dataset_files(resources.store, settled)
+    return None
 
 
-def _settle_unclaimable(*, session: Session, job: Job, settings: Settings, now: datetime) -> None:
-    """A job we may not run: finish it if its last worker died and it cannot go on."""
+def _settle_unclaimable(
+    *, session: Session, job: Job, settings: Settings, now: datetime
+) -> list[uuid.UUID]:
+    """A job we may not run: finish it if its last worker died and it cannot go on. Returns
+    the datasets that failed with it (see ``_finish``)."""
     lease_over = job.lease_expires_at is not None and _as_utc(job.lease_expires_at) < now
     if job.status == JobStatus.RUNNING and lease_over and job.cancel_requested:
-        _finish(
+        return _finish(
             session,
             job.id,
             JobStatus.CANCELLED,
             phase="cancelled",
             message="cancelled (its worker had stopped)",
         )
-    elif job.status == JobStatus.QUEUED and job.cancel_requested:
-        _finish(session, job.id, JobStatus.CANCELLED, phase="cancelled", message="cancelled")
-    elif job.status in (JobStatus.QUEUED, JobStatus.RUNNING) and (
+    if job.status == JobStatus.QUEUED and job.cancel_requested:
+        return _finish(session, job.id, JobStatus.CANCELLED, phase="cancelled", message="cancelled")
+    if job.status in (JobStatus.QUEUED, JobStatus.RUNNING) and (
         job.attempts >= settings.max_attempts and (job.status == JobStatus.QUEUED or lease_over)
     ):
-        _finish(
+        return _finish(
             session,
             job.id,
             JobStatus.FAILED,
@@ -134,8 +150,8 @@ def _settle_unclaimable(*, session: Session, job: Job, settings: Settings, now: 
             error=f"the job stopped its worker {job.attempts} times (last phase: {job.phase}); "
             "it may need more memory than a worker has: try a smaller batch_size or model",
         )
-    else:
-        logger.info("job %s is %s and held elsewhere or finished: no-op", job.id, job.status)
+    logger.info("job %s is %s and held elsewhere or finished: no-op", job.id, job.status)
+    return []
 
 
 def _as_utc(value: datetime) -> datetime:
@@ -152,7 +168,9 @@ def _finish(
     message: str = "",
     error: str | None = None,
     **values: object,
-) -> None:
+) -> list[uuid.UUID]:
+    """Record the job's end; a failed or cancelled job fails the pending dataset it was
+    reading, in the same transaction. Returns the ids of the datasets failed so."""
     now = utcnow()
     session.execute(
         update(Job)
@@ -169,7 +187,34 @@ def _finish(
             **values,
         )
     )
+    record_job_event(session, job_id)  # job.failed or job.cancelled, with the update
+    failed: list[uuid.UUID] = []
+    if status in (JobStatus.FAILED, JobStatus.CANCELLED):
+        reason = error or f"its dataset job ended {status.value}: {message or phase}"
+        failed = _fail_pending_datasets(session, job_id, reason)
     session.commit()
+    return failed
+
+
+def _fail_pending_datasets(session: Session, job_id: uuid.UUID, reason: str) -> list[uuid.UUID]:
+    """Mark failed, with ``reason``, the pending datasets whose dataset job is ``job_id`` (a
+    dataset's job only ever reads that dataset; other kinds of job match none)."""
+    pending = (TenantDataset.job_id == job_id) & (TenantDataset.status == DatasetStatus.PENDING)
+    ids = list(session.scalars(select(TenantDataset.id).where(pending)))
+    if ids:
+        session.execute(
+            update(TenantDataset)
+            .where(pending, TenantDataset.id.in_(ids))
+            .values(status=DatasetStatus.FAILED, error=reason, data_key=None)
+        )
+    return ids
+
+
+def _drop_dataset_files(store: ArtifactStore, dataset_ids: list[uuid.UUID]) -> None:
+    """A failed dataset keeps no file: its upload, and an npz a dead worker may have left."""
+    for dataset_id in dataset_ids:
+        store.delete(dataset_upload_key(dataset_id))
+        store.delete(dataset_data_key(dataset_id))
 
 
 def finish_job(
@@ -183,7 +228,10 @@ def finish_job(
     **values: object,
 ) -> None:
     with resources.session_factory() as session:
-        _finish(session, job_id, status, phase=phase, message=message, error=error, **values)
+        failed = _finish(
+            session, job_id, status, phase=phase, message=message, error=error, **values
+        )
+    _drop_dataset_files(resources.store, failed)
 
 
 def failure_message(error: Exception) -> tuple[str, bool]:

@@ -13,8 +13,9 @@ import logging
 import shutil
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
@@ -25,7 +26,16 @@ from sqlalchemy.orm import Session
 
 from catalog import JOB_KINDS, JobKindSpec
 from common.artifacts import model_manifest_key, model_program_key, model_weights_key
-from common.models import Job, JobStatus, ModelSource, Report, StoredModel, utcnow
+from common.models import (
+    Job,
+    JobStatus,
+    ModelSource,
+    Report,
+    StoredModel,
+    TenantDataset,
+    utcnow,
+)
+from common.policies import current_policy
 from common.settings import Settings
 from common.specs import (
     AuditJobCreate,
@@ -37,6 +47,7 @@ from common.specs import (
     resolve_pretrain,
 )
 from core.config import AuditConfig, PretrainConfig
+from core.progress import Progress
 from worker.celery_app import app
 from worker.datasets import fetch_dataset, import_dataset
 from worker.jobs import (
@@ -222,10 +233,11 @@ def _store_model(
 
 def execute_import(job: Job, resources: Resources, progress: ProgressWriter) -> None:
     """Read an uploaded torch state dict (weights only) and store it as a safetensors model;
-    a ``torch.export`` program is checked and stored as it was uploaded."""
+    a ``torch.export`` program is checked and stored as it was uploaded; an ONNX graph is
+    converted into one first."""
     spec = ImportJobSpec.model_validate(job.spec)
     try:
-        if spec.format == "export":
+        if spec.format in ("export", "onnx"):
             _import_exported(job, spec, resources, progress)
         else:
             _convert_upload(job, spec, resources, progress)
@@ -299,15 +311,35 @@ def _import_exported(
 ) -> None:
     """Check an uploaded ``torch.export`` program (``core.exported``: nothing unpickled, an
     operator allowlist, a run on the declared input shape) and store it untouched, with its
-    manifest, as an ``exported`` model."""
+    manifest, as an ``exported`` model.
+
+    An ONNX graph (``format="onnx"``) is first converted (``core.onnx_import``: standard
+    operators only, onnx2torch) and re-exported with ``torch.export`` on the declared input
+    shape into a ``.pt2``, which then takes exactly the path of an uploaded one: the stored
+    model is that program, audited as any exported model."""
     from core.exported import save_exported
     from core.progress import Progress
 
     work_dir = job_work_dir(resources.settings, job.id)
     work_dir.mkdir(parents=True, exist_ok=True)
     upload = work_dir / "upload.pt2"
-    progress(Progress(phase="import", fraction=0.0, message="checking the torch.export program"))
-    resources.store.fetch(spec.upload_key, upload)
+    provenance: dict[str, Any] = {"source_file": spec.filename, "source_sha256": spec.sha256}
+    if spec.format == "onnx":
+        from core.onnx_import import export_onnx
+
+        progress(Progress(phase="convert", fraction=0.0, message="converting the ONNX graph"))
+        graph = work_dir / "upload.onnx"
+        resources.store.fetch(spec.upload_key, graph)
+        try:
+            # Messages name the file as the user sent it, not this scratch copy.
+            sent = PurePosixPath((spec.filename or "").replace("\\", "/")).name or graph.name
+            export_onnx(graph, upload, input_shape=spec.input_shape, name=sent)
+        finally:
+            graph.unlink(missing_ok=True)
+        provenance["source_format"] = "onnx"
+    else:
+        resources.store.fetch(spec.upload_key, upload)
+    progress(Progress(phase="import", fraction=0.5, message="checking the torch.export program"))
     out_dir = work_dir / "checkpoint"
     try:
         loaded = save_exported(
@@ -318,7 +350,7 @@ def _import_exported(
             mean=spec.mean,
             std=spec.std,
             classes=spec.classes,
-            manifest={"source_file": spec.filename, "source_sha256": spec.sha256},
+            manifest=provenance,
         )
     finally:
         upload.unlink(missing_ok=True)
@@ -331,19 +363,19 @@ def _import_exported(
         name=spec.name or spec.filename or "exported model",
         program=True,
     )
+    checked = f"torch.export program checked: {loaded.model.feature_dim}-d features"
+    if spec.format == "onnx":
+        checked = f"ONNX graph converted; {checked}"
     with resources.session_factory() as session:
-        _mark_succeeded(
-            session,
-            job.id,
-            result_model_id=model_id,
-            message=f"torch.export program checked: {loaded.model.feature_dim}-d features",
-        )
+        _mark_succeeded(session, job.id, result_model_id=model_id, message=checked)
     shutil.rmtree(work_dir, ignore_errors=True)
 
 
 def execute_audit(job: Job, resources: Resources, progress: ProgressWriter) -> None:
-    """Attack a stored extractor with the chosen attacks and store the ASR report."""
+    """Attack a stored extractor (and its undefended reference) with the chosen attacks,
+    decide the verdict under the tenant's policy and store the report."""
     from core.audit import run_audit
+    from core.verdict import decide
 
     settings, store = resources.settings, resources.store
     spec = AuditJobCreate.model_validate(job.spec)
@@ -352,12 +384,8 @@ def execute_audit(job: Job, resources: Resources, progress: ProgressWriter) -> N
         model = session.get(StoredModel, job.model_id) if job.model_id else None
         if model is None:
             raise JobFailedError("the model to audit was deleted before the audit ran")
-        model_dir = work_dir / "model"
-        model_dir.mkdir(parents=True, exist_ok=True)
-        # model.safetensors, or model.pt2 for a torch.export program (core.exported)
-        store.fetch(model.weights_key, model_dir / PurePosixPath(model.weights_key).name)
-        (model_dir / "manifest.json").write_text(json.dumps(model.manifest))
-        model_id = model.id
+        model_dir = _fetch_model(resources, model, work_dir / "model")
+        model_id, model_arch, model_manifest = model.id, model.arch, dict(model.manifest)
     data_dir = job_data_dir(resources, job, spec.dataset, spec.dataset_id, work_dir)
     config = job_config(
         job,
@@ -366,24 +394,46 @@ def execute_audit(job: Job, resources: Resources, progress: ProgressWriter) -> N
         model=str(model_dir),
         data_dir=data_dir,
     )
+    reference = audit_reference(
+        resources,
+        job,
+        spec,
+        config,
+        {**model_manifest, "arch": model_arch},
+        work_dir / "reference",
+        progress,
+    )
     poisons_dir = work_dir / "poisons"
-    report = run_audit(config, progress=progress, poisons_dir=poisons_dir)
+    report = run_audit(
+        config.model_copy(update={"reference": reference.path}),
+        progress=progress,
+        poisons_dir=poisons_dir,
+        reference_source=reference.source,
+    )
     # The poisons (exact .npz and a .png strip per attack) go to the store beside the report.
     stored = []
     for path in sorted(poisons_dir.glob("*")) if poisons_dir.is_dir() else []:
         key = f"reports/{job.id}/poisons/{path.name}"
         store.put_file(key, path)
         stored.append(key)
-    # What the tenant reads names the model by its API path, never by this worker's scratch
-    # paths (the model folder and the dataset file are gone once the job ends anyway).
+    with resources.session_factory() as session:
+        version, policy = current_policy(session, job.tenant_id)
+    # What the tenant reads names the models by their API paths, never by this worker's
+    # scratch paths (the folders and the dataset file are gone once the job ends anyway).
     public_model = f"/v1/models/{model_id}"
-    body = report.model_copy(
-        update={
-            "stored_artifacts": stored,
-            "model": report.model.model_copy(update={"path": public_model}),
-            "config": {**report.config, "model": public_model, "data_dir": None},
-        }
-    ).model_dump(mode="json")
+    updates: dict[str, Any] = {
+        "stored_artifacts": stored,
+        "model": report.model.model_copy(update={"path": public_model}),
+        "config": {**report.config, "model": public_model, "data_dir": None, "reference": None},
+        "reference_note": reference.note if report.reference is None else None,
+    }
+    if report.reference is not None:
+        updates["reference"] = report.reference.model_copy(
+            update={"model": report.reference.model.model_copy(update={"path": reference.public})}
+        )
+    report = report.model_copy(update=updates)
+    report = report.model_copy(update={"verdict": decide(report, policy, version=version)})
+    body = report.model_dump(mode="json")
     report_id = uuid.uuid5(job.id, "report")
     with resources.session_factory() as session:
         if session.get(Report, report_id) is None:
@@ -396,8 +446,109 @@ def execute_audit(job: Job, resources: Resources, progress: ProgressWriter) -> N
                     body=body,
                 )
             )
-        _mark_succeeded(session, job.id, result_model_id=None, message="report ready")
+        _mark_succeeded(
+            session,
+            job.id,
+            result_model_id=None,
+            message=f"verdict {report.verdict.outcome}"
+            if report.verdict is not None
+            else "report ready",
+        )
     shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _fetch_model(resources: Resources, model: StoredModel, folder: Path) -> Path:
+    """A stored model's checkpoint folder on this worker: ``model.safetensors`` (or
+    ``model.pt2`` for a torch.export program, ``core.exported``) and its manifest."""
+    folder.mkdir(parents=True, exist_ok=True)
+    resources.store.fetch(model.weights_key, folder / PurePosixPath(model.weights_key).name)
+    (folder / "manifest.json").write_text(json.dumps(model.manifest))
+    return folder
+
+
+@dataclass(frozen=True)
+class AuditReference:
+    """The reference an audit runs against: its local folder (None: no reference), how it was
+    chosen, the path a tenant reads for it, and why there is none where there is none."""
+
+    path: str | None
+    source: Literal["named", "auto"]
+    public: str
+    note: str | None
+
+
+def audit_reference(
+    resources: Resources,
+    job: Job,
+    spec: AuditJobCreate,
+    config: AuditConfig,
+    manifest: dict[str, Any],
+    folder: Path,
+    progress: ProgressWriter,
+) -> AuditReference:
+    """The audit's undefended reference (``AuditRequest.reference``).
+
+    A model id: that model of the tenant. ``auto``: the model's undefended twin
+    (``core.reference``), taken from the artifact store's cache or pre-trained here and put
+    there for later audits; shared between tenants for a built-in dataset, the tenant's own
+    for its dataset. A model with no automatic reference is audited without one, and the
+    report says why.
+    """
+    from core.checkpoint import MANIFEST_NAME, WEIGHTS_NAME
+    from core.reference import (
+        NoAutoReferenceError,
+        auto_reference_config,
+        ensure_reference,
+        reference_key,
+    )
+
+    if spec.reference == "none":
+        return AuditReference(None, "named", "", "no reference: the request asked for none")
+    if isinstance(spec.reference, uuid.UUID):
+        with resources.session_factory() as session:
+            named = session.get(StoredModel, spec.reference)
+            if named is None or named.tenant_id != job.tenant_id:
+                raise JobFailedError(f"the reference model {spec.reference} no longer exists")
+            path = _fetch_model(resources, named, folder)
+        return AuditReference(str(path), "named", f"/v1/models/{spec.reference}", None)
+    try:
+        pretrain = auto_reference_config(manifest, config)
+    except NoAutoReferenceError as error:
+        return AuditReference(None, "auto", "", error.user_message)
+    if spec.dataset_id is not None:
+        with resources.session_factory() as session:
+            dataset = session.get(TenantDataset, spec.dataset_id)
+            identity = f"dataset:{spec.dataset_id}:{dataset.sha256 if dataset else ''}"
+        owner = str(job.tenant_id)
+    else:
+        identity, owner = f"builtin:{spec.dataset}", "shared"
+    prefix = f"references/{owner}/{reference_key(pretrain, identity)}"
+    store = resources.store
+    files = (WEIGHTS_NAME, MANIFEST_NAME)
+    if all(store.exists(f"{prefix}/{name}") for name in files):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in files:
+            store.fetch(f"{prefix}/{name}", folder / name)
+    else:
+
+        def report(update: Progress) -> None:
+            # The reference's pre-training shows as its own phase; the audit's bar starts
+            # after it.
+            progress(
+                replace(
+                    update,
+                    phase=f"reference pre-training: {update.phase}"[:64],
+                    fraction=0.0,
+                )
+            )
+
+        ensure_reference(
+            pretrain.model_copy(update={"device": config.device}), folder, progress=report
+        )
+        for name in files:
+            store.put_file(f"{prefix}/{name}", folder / name)
+    # Not a route: an auto reference is no tenant model; its key names it in the report.
+    return AuditReference(str(folder), "auto", f"auto-reference:{prefix.rsplit('/', 1)[1]}", None)
 
 
 def execute_dataset(job: Job, resources: Resources, progress: ProgressWriter) -> None:
@@ -434,6 +585,9 @@ def _mark_succeeded(
             result_model_id=result_model_id,
         )
     )
+    from common.webhooks import record_job_event  # local: the edit stays in this function
+
+    record_job_event(session, job_id)  # job.succeeded, committed with the status
     session.commit()
 
 

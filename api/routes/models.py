@@ -7,12 +7,13 @@ from pathlib import PurePosixPath
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, Query, Request, status
+from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from api.deps import CeleryDep, CurrentTenant, SessionDep, SettingsDep, StoreDep
 from api.schemas import ModelPublic, ModelsPage
+from api.services import badges as badge_service
 from api.services import jobs as job_service
 from api.services import models as model_service
 from api.uploads import receive_upload
@@ -34,8 +35,10 @@ UPLOAD_FORM = {
                             "type": "string",
                             "format": "binary",
                             "description": "model.safetensors, a torch.save state dict "
-                            "(converted by a worker), or a torch.export.save program (.pt2, "
-                            "any architecture, checked by a worker and kept as uploaded)",
+                            "(converted by a worker), a torch.export.save program (.pt2, "
+                            "any architecture, checked by a worker and kept as uploaded), or "
+                            "an ONNX graph (.onnx, where the deployment enables ONNX: "
+                            "converted and re-exported as a .pt2 by a worker; 415 elsewhere)",
                         },
                         "arch": {
                             "type": "string",
@@ -85,6 +88,9 @@ async def upload_model(
     ``torch.load(weights_only=True)`` and stores it as safetensors; the job's
     ``result_model_id`` is the model once it succeeds. A ``torch.export`` program (``.pt2``)
     answers 202 too: a worker checks it (nothing unpickled, an operator allowlist) and keeps it.
+    An ONNX graph (``.onnx``) answers 202 where the deployment enables ONNX
+    (``BULWARK_ONNX_ENABLED``): a worker converts it, re-exports it with ``torch.export`` and
+    checks it as a ``.pt2``; elsewhere it answers 415.
     """
     upload = await receive_upload(
         request,
@@ -190,3 +196,16 @@ def model_card(model_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) 
     and every audit's protocol, ASR table and verdict."""
     model = model_service.get_model(session=session, tenant=tenant, model_id=model_id)
     return MarkdownResponse(model_service.model_card(session=session, model=model))
+
+
+@router.get(
+    "/{model_id}/badge.svg",
+    response_class=Response,
+    responses={200: {"content": {"image/svg+xml": {}}}},
+)
+def verdict_badge(model_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -> Response:
+    """A shields-style badge of the verdict of the model's newest audit that has one:
+    "bulwark | pass" (green), "fail" (red), "inconclusive" (amber), or "not audited" (grey).
+    ``Cache-Control: no-cache``: a new audit changes it."""
+    svg = badge_service.model_badge(session=session, tenant=tenant, model_id=model_id)
+    return Response(svg, media_type="image/svg+xml", headers={"Cache-Control": "no-cache"})

@@ -1,4 +1,5 @@
-"""/v1/jobs/{job_id}: a finished audit's report as an HTML page and as pictures."""
+"""/v1/jobs/{job_id}: a finished audit's report as an HTML page and as pictures (the ASR
+chart, the budget curve, the poison grids)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,21 @@ def report_page(
 def asr_chart(job_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -> Response:
     """One bar per attack with its 95% Wilson interval, the baseline rate as a marker."""
     svg = pages.asr_svg(session=session, tenant=tenant, job_id=job_id)
+    return Response(svg, media_type="image/svg+xml")
+
+
+@router.get(
+    "/{job_id}/pictures/budget.svg",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/svg+xml": {}}},
+        404: {"description": "no such audit for this tenant, or the audit has no budget curve"},
+    },
+)
+def budget_chart(job_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -> Response:
+    """The budget curve: ASR against delta and against poisons per instance, the model's line
+    and the reference's, with 95% Wilson whiskers (404 when the audit swept no budget)."""
+    svg = pages.budget_svg(session=session, tenant=tenant, job_id=job_id)
     return Response(svg, media_type="image/svg+xml")
 
 

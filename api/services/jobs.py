@@ -37,6 +37,7 @@ from common.specs import (
     resolve_pretrain,
     stored_config,
 )
+from common.webhooks import record_job_event
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def submit_audit(
             valid_model_ids=[str(v) for v in valid],
         )
     dataset = tenant_dataset(session, tenant, spec.dataset_id) if spec.dataset_id else None
-    errors = _class_errors(spec, model)
+    errors = _class_errors(spec, model) + _reference_errors(session, tenant, spec, model)
     config = None
     try:
         # The store key stands in for the model's local folder, which the worker fills in
@@ -120,6 +121,7 @@ def submit_audit(
             pairs=spec.effective_pairs,
             targets_per_pair=spec.targets_per_pair,
             in_channels=model.in_channels,
+            pair_sets=tuple(config.pair_sets or ()),
         )
     if errors or config is None:
         raise InvalidFieldError(errors)
@@ -134,6 +136,30 @@ def submit_audit(
         model_id=model.id,
         idempotency_key=idempotency_key,
     )
+
+
+def _reference_errors(
+    session: Session, tenant: Tenant, spec: AuditJobCreate, model: StoredModel
+) -> list[dict[str, Any]]:
+    """A reference named by id must be another model of the tenant's that takes the same
+    images (the audit runs the same instances through both)."""
+    if not isinstance(spec.reference, uuid.UUID):
+        return []
+    reference = session.get(StoredModel, spec.reference)
+    loc = ("body", "reference")
+    if reference is None or reference.tenant_id != tenant.id:
+        return [{"loc": loc, "msg": f"no model {spec.reference} of yours to use as the reference"}]
+    if reference.id == model.id:
+        return [{"loc": loc, "msg": "the reference must be another model than the audited one"}]
+    if reference.in_channels != model.in_channels:
+        return [
+            {
+                "loc": loc,
+                "msg": f"the reference takes {reference.in_channels}-channel images, the "
+                f"audited model {model.in_channels}",
+            }
+        ]
+    return []
 
 
 def _class_errors(spec: AuditJobCreate, model: StoredModel) -> list[dict[str, Any]]:
@@ -193,8 +219,13 @@ def dataset_errors(
     pairs: tuple[tuple[int, int], ...] = (),
     targets_per_pair: int | None = None,
     in_channels: int | None = None,
+    pair_sets: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
-    """A request's choices against a tenant dataset's recorded facts, every problem named."""
+    """A request's choices against a tenant dataset's recorded facts, every problem named.
+
+    ``pair_sets`` may pick any class as a target (``core.audit.choose_pairs``), so with sets
+    every class needs ``targets_per_pair`` test images; explicit pairs need them only for
+    their own target classes."""
     classes = len(dataset.classes or ())
     train, test = dataset.train_counts or [], dataset.test_counts or []
     channels = (dataset.image_shape or {}).get("channels")
@@ -224,6 +255,16 @@ def dataset_errors(
                     f"{test[pair[0]]} test images of class {pair[0]}",
                 }
             )
+    if pair_sets and targets_per_pair is not None and test and min(test) < targets_per_pair:
+        label = min(range(len(test)), key=lambda index: test[index])
+        errors.append(
+            {
+                "loc": ("body", "targets_per_pair"),
+                "msg": f"targets_per_pair={targets_per_pair} but dataset {dataset.id} has "
+                f"{test[label]} test images of class {label}, which pair_sets "
+                f"{list(pair_sets)} may choose as a target class",
+            }
+        )
     need = split.pretrain + split.retrain + split.pool
     short = [(label, count) for label, count in enumerate(train) if 0 < count < need]
     if short:
@@ -328,6 +369,8 @@ def _submit(
     )
     session.add(job)
     try:
+        # job.queued, committed with the job (its flush may meet the idempotency race too)
+        record_job_event(session, job.id)
         session.commit()
     except IntegrityError:  # a concurrent request with the same key won the race
         session.rollback()
@@ -350,6 +393,7 @@ def enqueue(*, session: Session, celery: Celery, settings: Settings, job: Job) -
         job.status = JobStatus.FAILED
         job.error = f"the job queue is unreachable ({error}); submit again later"
         job.finished_at = utcnow()
+        record_job_event(session, job.id)
         session.commit()
         raise BrokerUnavailableError(f"the job queue is unreachable: {error}") from error
 
@@ -433,6 +477,7 @@ def request_cancel(session: Session, job_id: uuid.UUID, *, message: str) -> bool
         )
     )
     if cancelled_queued:
+        record_job_event(session, job_id)  # committed by the caller with the cancellation
         return True
     return bool(
         rows_matched(

@@ -20,7 +20,13 @@ from api.errors import (
     UnsupportedUploadError,
     UploadTooLargeError,
 )
-from api.onnx_check import SNIFF_BYTES, looks_like_onnx, named_onnx
+from api.onnx_check import (
+    SNIFF_BYTES,
+    OnnxContainerError,
+    check_onnx_file,
+    looks_like_onnx,
+    named_onnx,
+)
 from api.safetensors_check import (
     SafetensorsError,
     infer_model_facts,
@@ -40,9 +46,10 @@ from core.report import AuditReport, percent, read_report, render_asr_table
 
 TORCH_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive holding data.pkl
 ONNX_UNSUPPORTED = (
-    "ONNX uploads are not imported by this service yet; export the model with torch.export "
-    "and upload the .pt2, or upload its weights as safetensors if it is one of Bulwark's "
-    "architectures"
+    "ONNX uploads are not imported by this deployment: its workers have no ONNX converter "
+    "(the operator sets BULWARK_ONNX_ENABLED where the workers have the `onnx` extra); export "
+    "the model with torch.export and upload the .pt2 (docs/hub.md), or upload its weights as "
+    "safetensors if it is one of Bulwark's architectures"
 )
 CONVERT_HINT = (
     'convert it where you trust the file: python -c "import torch, safetensors.torch as st; '
@@ -76,7 +83,9 @@ def register_upload(
     torch ``torch.save`` file (a zip holding a pickle) is never read here: it is stored as it is and
     an import job converts it on a worker, which reads it with ``torch.load(weights_only=True)``
     and checks it against the form; the job is returned. An ``.onnx`` file (by name, and by its
-    first bytes: ``api.onnx_check``) answers 415 pointing to torch.export. A
+    first bytes: ``api.onnx_check``) answers 415 pointing to torch.export, unless the
+    deployment converts ONNX (``settings.onnx_enabled``): then its top-level fields are checked
+    (``check_onnx_file``) and an import job converts it on a worker. A
     ``torch.export.save`` archive (``.pt2``: a zip told from torch.save's by its member names,
     read from its central directory only) is queued as an import job whose worker checks the
     program (``core.exported``) and keeps it untouched. A
@@ -95,10 +104,25 @@ def register_upload(
                     "the file is named .onnx but is not an ONNX model (a protobuf ModelProto "
                     "starting with its ir_version)",
                 )
-            # The core can convert ONNX where onnx2torch imports (core.onnx_import), but no
-            # worker stores and audits a converted graph yet: refuse rather than queue a job
-            # that cannot succeed.
-            raise UnsupportedUploadError(ONNX_UNSUPPORTED)
+            # Only workers with the `onnx` extra convert (core.onnx_import needs onnx2torch
+            # and a torchvision that imports): elsewhere a queued job could never succeed.
+            if not settings.onnx_enabled:
+                raise UnsupportedUploadError(ONNX_UNSUPPORTED)
+            try:
+                check_onnx_file(staged)
+            except OnnxContainerError as error:
+                raise InvalidFieldError.at(
+                    ("body", "file"), f"the ONNX file is refused: {error}"
+                ) from None
+            return _queue_torch_import(
+                session=session,
+                store=store,
+                celery=celery,
+                settings=settings,
+                tenant=tenant,
+                upload=upload,
+                format="onnx",
+            )
         if head.startswith(TORCH_ZIP_MAGIC):
             return _queue_torch_import(
                 session=session,
@@ -159,7 +183,7 @@ def _queue_torch_import(
     settings: Settings,
     tenant: Tenant,
     upload: ReceivedUpload,
-    format: Literal["torch-state-dict", "export"] = "torch-state-dict",
+    format: Literal["torch-state-dict", "export", "onnx"] = "torch-state-dict",
 ) -> Job:
     """Check the form (the file is checked by the worker), store the file, queue the job.
 
@@ -170,7 +194,7 @@ def _queue_torch_import(
     fields = upload.fields
     arch = _arch_field(fields) if format == "torch-state-dict" else None
     output: Literal["logits", "features"] = "logits"
-    if format == "export":
+    if format in ("export", "onnx"):
         output = _output_field(fields, default="features")
     input_shape = _int_list(fields, "input_shape", required=True)
     if len(input_shape) != 3 or min(input_shape) < 1:
@@ -429,8 +453,13 @@ CARD_TASK = {"type": "image-classification", "name": "clean-label poisoning audi
 PROTOCOL_CAVEAT = (
     "Absolute ASR depends on the protocol (the class pairs, the targets drawn, the model's "
     "pre-training data and the re-training data): read it next to a reference audit of an "
-    "undefended model of the same architecture on the same data and instances. This card "
-    "carries no reference audit."
+    "undefended model of the same architecture on the same data and instances."
+)
+NO_REFERENCE = "This card carries no reference audit."
+SOME_REFERENCES = "Audits below without a reference say why they have none."
+WITH_REFERENCES = (
+    "Each audit below carries one: the undefended reference, audited on the same instances, "
+    "and the difference of the two ASRs with its 95% interval."
 )
 
 
@@ -494,12 +523,44 @@ def _card_result(report: AuditReport) -> dict[str, Any]:
     metrics: list[dict[str, Any]] = []
     for name, result in report.attacks.items():
         label = name.upper()
+        # The headline: ASR among the targets the clean model classifies correctly, where the
+        # report has it (the same number the body's table leads with).
+        metrics.append(
+            {
+                "type": "attack-success-rate",
+                "name": f"{label} ASR",
+                "value": _rate(result.headline.rate),
+            }
+        )
+        if result.asr_correct_targets is not None:
+            metrics.append(
+                {
+                    "type": "attack-success-rate",
+                    "name": f"{label} ASR over all instances",
+                    "value": _rate(result.asr),
+                }
+            )
+        comparison = report.comparison.get(name)
+        if comparison is not None:
+            low, high = comparison.difference95
+            metrics += [
+                {
+                    "type": "attack-success-rate",
+                    "name": f"{label} reference ASR (undefended, same instances)",
+                    "value": _rate(comparison.reference.rate),
+                },
+                {
+                    "type": "attack-success-rate-difference",
+                    "name": f"{label} ASR minus reference, percentage points (95% CI "
+                    f"{_rate(low)} to {_rate(high)})",
+                    "value": _rate(comparison.difference),
+                },
+            ]
         metrics += [
-            {"type": "attack-success-rate", "name": f"{label} ASR", "value": _rate(result.asr)},
             {
                 "type": "baseline-success-rate",
                 "name": f"{label} baseline (unperturbed bases)",
-                "value": _rate(result.baseline.rate),
+                "value": _rate(result.headline_baseline.rate),
             },
             {
                 "type": "accuracy",
@@ -564,7 +625,14 @@ def _card_body(model: StoredModel, reports: list[tuple[Report, AuditReport]]) ->
     if not reports:
         lines.append("Not audited yet: `POST /v1/jobs/audit` with this model id.")
     else:
-        lines += [PROTOCOL_CAVEAT, ""]
+        with_reference = [report.reference is not None for _, report in reports]
+        if all(with_reference):
+            caveat = f"{PROTOCOL_CAVEAT} {WITH_REFERENCES}"
+        elif any(with_reference):
+            caveat = f"{PROTOCOL_CAVEAT} {SOME_REFERENCES}"
+        else:
+            caveat = f"{PROTOCOL_CAVEAT} {NO_REFERENCE}"
+        lines += [caveat, ""]
     for row, report in reports:
         lines += [f"### Audit job `{row.job_id}` ({row.created_at:%Y-%m-%d})", ""]
         lines += _audit_protocol(report)
@@ -585,10 +653,17 @@ def _audit_protocol(report: AuditReport) -> list[str]:
     dataset = report.dataset
     delta = config.get("delta")
     delta_text = "?" if delta is None else f"{delta:.4f} ({255 * delta:.1f}/255)"
-    pairs = config.get("pairs") or []
-    pair_text = ", ".join(
-        f"{_class_name(dataset.classes, t)} -> {_class_name(dataset.classes, p)}" for t, p in pairs
-    )
+    if report.pair_choices:  # /3: the pairs the audit chose, and what chose each
+        pair_text = ", ".join(
+            f"{_class_name(dataset.classes, c.target_class)} -> "
+            f"{_class_name(dataset.classes, c.poison_class)} ({c.source})"
+            for c in report.pair_choices
+        )
+    else:
+        pair_text = ", ".join(
+            f"{_class_name(dataset.classes, t)} -> {_class_name(dataset.classes, p)}"
+            for t, p in config.get("pairs") or []
+        )
     lines = [
         f"- dataset: {dataset.name} ({len(dataset.classes)} classes; re-training "
         f"{dataset.retrain_images} images, base pool {dataset.pool_images}, evaluation "

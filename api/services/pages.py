@@ -16,7 +16,7 @@ from api.services.jobs import get_report
 from common.artifacts import ArtifactNotFoundError, ArtifactStore
 from common.models import Tenant
 from core.report import AuditReport
-from core.report_page import asr_chart_svg, render_report_html
+from core.report_page import asr_chart_svg, budget_chart_svg, render_report_html
 
 
 def poisons_key(job_id: uuid.UUID, attack: str) -> str:
@@ -60,6 +60,17 @@ def poison_png(
 
 def asr_svg(*, session: Session, tenant: Tenant, job_id: uuid.UUID) -> str:
     return asr_chart_svg(audit_report(session=session, tenant=tenant, job_id=job_id))
+
+
+def budget_svg(*, session: Session, tenant: Tenant, job_id: uuid.UUID) -> str:
+    """The budget curve's chart; 404 when the audit swept no budget."""
+    report = audit_report(session=session, tenant=tenant, job_id=job_id)
+    if report.budget_curve is None:
+        raise NotFoundError(
+            f"audit job {job_id} has no budget curve: it was not asked for one (the audit "
+            "request's budget, with deltas or poisons to sweep)"
+        )
+    return budget_chart_svg(report)
 
 
 def report_html(

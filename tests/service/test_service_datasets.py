@@ -387,6 +387,11 @@ def test_an_audit_by_dataset_id_is_checked_against_the_datasets_facts(
         (audit(rgb), ["body", "dataset_id"], "3-channel"),
         (audit(digits_like, pairs=[[0, 10]]), ["body", "pairs", 0], "below 10"),
         (audit(digits_like, targets_per_pair=40), ["body", "targets_per_pair"], "36 test"),
+        (
+            audit(digits_like, pairs=[[0, 1]], targets_per_pair=40),
+            ["body", "targets_per_pair"],
+            "36 test",
+        ),
         # The npz entry's default split (10 re-training and 25 pool images per class).
         (audit(small), ["body", "overrides", "split"], "has 20 of class"),
         (
@@ -586,3 +591,72 @@ def test_an_audit_by_dataset_id_over_http_ends_with_a_report(
     with Session(clean_db) as session:
         stored = session.get(Job, uuid.UUID(job["id"]))
         assert stored is not None and stored.status == JobStatus.SUCCEEDED
+
+
+# ---- a dataset job that ends without reading the upload -------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("left_as", "job_status", "says"),
+    [
+        # Its last worker died mid-read, having used up every attempt (a redelivery settles it).
+        ("running", "failed", "stopped its worker 3 times (last phase: read)"),
+        # Released for a retry after its last attempt (a database error on the last worker).
+        ("queued", "failed", "stopped its worker 3 times (last phase: read)"),
+        # Cancellation was asked for while its worker, which then died, was reading.
+        ("cancelled-running", "cancelled", "cancelled (its worker had stopped)"),
+    ],
+)
+def test_a_dataset_job_that_ends_unclaimable_fails_its_dataset_and_drops_the_upload(
+    client, make_tenant, clean_db, settings, left_as: str, job_status: str, says: str
+) -> None:
+    """The settle path of a job no worker may claim any more (worker.jobs.claim_job) is where
+    a dataset job ends without its own code running: the dataset must not stay pending."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from common.artifacts import make_artifact_store
+    from common.db import make_session_factory
+    from common.models import utcnow
+    from worker.jobs import Resources, claim_job
+
+    tenant = make_tenant("hub")
+    response = upload(client, tenant, npz_bytes(**tiny_arrays()), name="tiny")
+    assert response.status_code == 202, response.text
+    dataset = response.json()
+    job_id = uuid.UUID(dataset["job_id"])
+    assert len(stored_files(settings)) == 1  # the upload, waiting for its worker
+    with Session(clean_db) as session:  # the row as the claims and the dead worker left it
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id)
+            .values(
+                status=JobStatus.QUEUED if left_as == "queued" else JobStatus.RUNNING,
+                attempts=settings.max_attempts,
+                phase="read",
+                cancel_requested=left_as == "cancelled-running",
+                lease_expires_at=None if left_as == "queued" else utcnow() - timedelta(seconds=1),
+            )
+        )
+        session.commit()
+    resources = Resources(
+        settings=settings,
+        session_factory=make_session_factory(clean_db),
+        store=make_artifact_store(settings),
+    )
+    # What a redelivered message does: the claim is refused and the job is settled.
+    assert claim_job(resources=resources, job_id=job_id, worker="test:1") is None
+    job = client.get(f"/v1/jobs/{job_id}", headers=tenant.headers).json()
+    assert job["status"] == job_status
+    settled = client.get(f"/v1/datasets/{dataset['id']}", headers=tenant.headers).json()
+    assert settled["status"] == "failed", settled
+    assert says in settled["error"]
+    if job_status == "failed":
+        assert settled["error"] == job["error"]
+    assert settled["classes"] is None
+    assert stored_files(settings) == []  # the upload is gone with the dataset
+    # A later redelivery changes nothing.
+    assert claim_job(resources=resources, job_id=job_id, worker="test:2") is None
+    again = client.get(f"/v1/datasets/{dataset['id']}", headers=tenant.headers).json()
+    assert again == settled

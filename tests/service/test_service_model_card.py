@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 import yaml
+from report_fixtures import full_report
 from servicekit import add_model_row
 from sqlalchemy.orm import Session
 
@@ -203,3 +204,97 @@ def test_a_card_carries_the_reports_numbers(client, make_tenant, clean_db) -> No
     assert "separation 1.500 (Eq. 4a" in card
     assert "**Verdict: FAIL** (policy confidence 95%" in card and report.verdict.reason in card
     assert "Absolute ASR depends on the protocol" in card
+
+
+def store_report(
+    db: Any, client: Any, tenant: Any, model_id: uuid.UUID, report: AuditReport
+) -> None:
+    """An audit job of the model and its report row, as the worker leaves them."""
+    job = client.post(
+        "/v1/jobs/audit",
+        headers=tenant.headers,
+        json={"model_id": str(model_id), "dataset": "digits"},
+    )
+    assert job.status_code == 202, job.text
+    with Session(db) as session:
+        session.add(
+            Report(
+                tenant_id=tenant.id,
+                job_id=uuid.UUID(job.json()["id"]),
+                model_id=model_id,
+                body=report.model_dump(mode="json"),
+            )
+        )
+        session.commit()
+
+
+def test_a_card_states_the_reference_pairs_and_headline(client, make_tenant, clean_db) -> None:
+    tenant = make_tenant("hub")
+    model_id = add_model(clean_db, tenant)
+    report = full_report(path=str(model_id))
+    assert report.reference is not None
+    store_report(clean_db, client, tenant, model_id, report)
+
+    card = client.get(f"/v1/models/{model_id}/card", headers=tenant.headers).text
+    (entry,) = front_matter(card)["model-index"]
+    metrics = {m["name"]: m for m in entry["results"][0]["metrics"]}
+    for name in ("fc", "bp"):
+        label = name.upper()
+        comparison = report.comparison[name]
+        # The headline (correctly classified targets), and over all instances beside it.
+        assert metrics[f"{label} ASR"]["value"] == round(100 * comparison.model.rate, 1)
+        assert metrics[f"{label} ASR over all instances"]["value"] == round(
+            100 * report.attacks[name].asr, 1
+        )
+        reference = metrics[f"{label} reference ASR (undefended, same instances)"]
+        assert reference == {
+            "type": "attack-success-rate",
+            "name": f"{label} reference ASR (undefended, same instances)",
+            "value": round(100 * comparison.reference.rate, 1),
+        }
+        (difference,) = [m for m in metrics.values() if m["name"].startswith(f"{label} ASR minus")]
+        assert difference["type"] == "attack-success-rate-difference"
+        assert difference["value"] == round(100 * comparison.difference, 1)
+    assert (metrics["FC ASR"]["value"], metrics["BP ASR"]["value"]) == (11.1, 27.8)
+    assert metrics["BP reference ASR (undefended, same instances)"]["value"] == 59.5
+    assert (
+        metrics["BP ASR minus reference, percentage points (95% CI -50.2 to -8.9)"]["value"]
+        == -31.7
+    )
+    assert metrics["FC baseline (unperturbed bases)"]["value"] == 0.0  # among correct targets
+
+    # The body: the reference's facts replace the "no reference" caveat; the pairs, how they
+    # were chosen, the targets left out of the headline and the reach.
+    assert "This card carries no reference audit." not in card
+    assert "Each audit below carries one: the undefended reference" in card
+    assert (
+        "reference: /v1/models/reference-convnet-fashion-mnist (convnet, defense none; "
+        "pre-trained by Bulwark without a defense (auto)), Pre. Acc 87.12%" in card
+    )
+    assert (
+        "pairs (target -> poison class): 6 (Shirt) -> 0 (T-shirt/top) (closest), "
+        "4 (Coat) -> 2 (Pullover) (closest), 1 (Trouser) -> 3 (Dress) (random), "
+        "9 (Ankle boot) -> 7 (Sneaker) (random)" in card
+    )
+    assert "pairs: 6 -> 0 (closest, confusion 0.21)" in card
+    assert "| FC | Shirt -> T-shirt/top | closest | 30.0% (3/10) | 10.0% (1/10) |" in card
+    assert "4 of 40 targets already misclassified by the clean model are excluded" in card
+    assert "(lower bound) BP: 3 of 40 instances not reached" in card
+    assert "| BP | 27.8% (10/36) (lower bound) | [15.8, 44.0] | 59.5% (22/37) |" in card
+    assert "| delta | 4/255 | 5 | 2.8% (1/36) | 10.8% (4/37) | 0.0% |" in card
+
+
+def test_a_card_without_a_reference_keeps_the_caveat_and_says_why(
+    client, make_tenant, clean_db
+) -> None:
+    tenant = make_tenant("hub")
+    model_id = add_model(clean_db, tenant)
+    store_report(
+        clean_db, client, tenant, model_id, full_report(path=str(model_id), reference=False)
+    )
+    card = client.get(f"/v1/models/{model_id}/card", headers=tenant.headers).text
+    metrics = {m["name"] for m in front_matter(card)["model-index"][0]["results"][0]["metrics"]}
+    assert "FC ASR" in metrics and not any("reference" in name for name in metrics)
+    assert "Absolute ASR depends on the protocol" in card
+    assert "This card carries no reference audit." in card
+    assert "reference: none (the audit was asked for none)" in card

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from report_fixtures import full_report
 from servicekit import add_model_row
 from sqlalchemy.orm import Session
 
@@ -158,7 +159,59 @@ def test_an_unfinished_audit_has_no_page_and_a_pretraining_job_none_at_all(
         headers=tenant.headers,
         json={"dataset": "digits", "arch": "convnet", "defense": "none", "recipe": "quick"},
     ).json()["id"]
-    for path in ("report.html", "pictures/asr.svg", "pictures/fc.png"):
+    for path in ("report.html", "pictures/asr.svg", "pictures/budget.svg", "pictures/fc.png"):
         queued = client.get(f"/v1/jobs/{audit}/{path}", headers=tenant.headers)
         assert queued.status_code == 409 and queued.json()["status"] == "queued", queued.text
         assert client.get(f"/v1/jobs/{pretrain}/{path}", headers=tenant.headers).status_code == 404
+
+
+def test_the_budget_curve_chart_is_served_to_its_tenant_only(
+    client, app, make_tenant, clean_db, tmp_path: Path
+) -> None:
+    owner, other = make_tenant("owner"), make_tenant("other")
+    model_id = add_model_row(clean_db, owner.id)
+    job = client.post(
+        "/v1/jobs/audit",
+        headers=owner.headers,
+        json={"model_id": str(model_id), "dataset": "digits"},
+    )
+    assert job.status_code == 202, job.text
+    job_id = job.json()["id"]
+    report = full_report(path=f"/v1/models/{model_id}")
+    with Session(clean_db) as session:
+        session.add(
+            Report(
+                tenant_id=owner.id,
+                job_id=uuid.UUID(job_id),
+                model_id=model_id,
+                body=report.model_dump(mode="json"),
+            )
+        )
+        session.commit()
+    base = f"/v1/jobs/{job_id}"
+
+    chart = client.get(f"{base}/pictures/budget.svg", headers=owner.headers)
+    assert chart.status_code == 200, chart.text
+    assert chart.headers["content-type"] == "image/svg+xml"
+    root = ElementTree.fromstring(chart.text)
+    lines = [e.get("class") for e in root.iter("{http://www.w3.org/2000/svg}polyline")]
+    assert sorted(lines) == ["model-line", "model-line", "ref-line", "ref-line"]
+    assert "BP budget curve" in "".join(root.itertext())
+
+    asr = ElementTree.fromstring(client.get(f"{base}/pictures/asr.svg", headers=owner.headers).text)
+    rects = [r.get("class") for r in asr.iter("{http://www.w3.org/2000/svg}rect")]
+    assert rects.count("bar") == 2 and rects.count("ref-bar") == 2
+
+    page = client.get(f"{base}/report.html", headers=owner.headers).text
+    assert "<h2>Budget curve</h2>" in page and page.count("<svg") == 2
+
+    for path in ("pictures/budget.svg", "report.html"):
+        response = client.get(f"{base}/{path}", headers=other.headers)
+        assert response.status_code == 404, (path, response.text)
+        assert client.get(f"{base}/{path}").status_code == 401
+
+    # An audit without a curve: 404, saying so.
+    plain = add_finished_audit(clean_db, client, owner, app.state.store, tmp_path)
+    missing = client.get(f"/v1/jobs/{plain}/pictures/budget.svg", headers=owner.headers)
+    assert missing.status_code == 404
+    assert "has no budget curve" in missing.text, missing.text
