@@ -759,6 +759,10 @@ def score_stage(
         reach_level=reach_level,
         unreached=sum(1 for value in relative if value > reach_level),
         crafting_work=crafted.work,
+        discordant=(
+            sum(1 for i in correct if success[i] and not baseline_success[i]),
+            sum(1 for i in correct if baseline_success[i] and not success[i]),
+        ),
     )
 
 

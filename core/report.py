@@ -141,6 +141,9 @@ class AttackResult(_Part):
     # its ASR is a lower bound.
     reach_level: float | None = None
     unreached: int = 0
+    # Among the headline's instances: (poisoned head won and baseline did not, the reverse);
+    # ASR - baseline = (first - second) / trials, what the verdict's paired bounds read.
+    discordant: tuple[int, int] | None = None
     # Poison forward-backward passes the crafting took (instances x poisons x iterations,
     # less what stopping succeeded instances early saved); 0 in reports before /3.
     crafting_work: int = 0

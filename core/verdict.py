@@ -6,17 +6,20 @@ policy's confidence:
 
 - ``max_asr``: the ASR's lower bound above the threshold fails the check, its upper bound at
   or below the threshold passes it, anything else is inconclusive.
-- ``max_asr_above_baseline``: the same on ASR minus the clean baseline rate, bounded below by
-  the ASR's lower bound minus the baseline's upper bound and above by the ASR's upper bound
-  minus the baseline's lower bound. Each of the two bounds holds at the policy's confidence, so
-  the difference's interval is conservative (wider than a joint bound at that confidence
-  would be): it fails or passes less often, never more.
-
+- ``max_asr_above_baseline``: the same on ASR minus the clean baseline rate. The poisoned and
+  the baseline re-training run on the same instances, so the difference is read from the
+  pairs: with p10 the rate of instances the poisons won and the baseline did not, and p01 the
+  reverse, ASR - baseline = p10 - p01 <= p10. The upper bound is p10's Wilson upper bound at
+  the policy's confidence (one bound: exact level); the lower bound is p10's lower bound
+  minus p01's upper bound, each at half the error (a union bound keeps the pair at the
+  policy's confidence). A report without the pairs (before /3) falls back to the ASR's and the
+  baseline's own bounds, each at half the error.
 - ``max_asr_relative_to_reference``: the model's ASR over the reference's (the undefended
-  model audited on the same instances), bounded below by the model's lower bound over the
-  reference's upper bound and above by the model's upper bound over the reference's lower
-  bound (infinite when that is 0: a reference the attack may not beat at all cannot show that
-  the model resists better). Conservative in the same way. Not checked without a reference.
+  model audited on the same instances: independent re-trainings), bounded below by the
+  model's lower bound over the reference's upper bound and above by the model's upper bound
+  over the reference's lower bound, each at half the error (union bound), the upper infinite
+  when the reference's lower bound is 0: a reference the attack may not beat at all cannot
+  show that the model resists better. Not checked without a reference.
 
 Every rate is the report's headline: ASR among the targets the clean model classifies
 correctly (``AttackResult.headline``), where the report has it.
@@ -142,24 +145,39 @@ def _checks(
     z: float,
 ) -> list[Check]:
     asr, baseline = result.headline, result.headline_baseline
-    asr_low, asr_high = wilson_interval(asr.successes, asr.trials, z)
+    n = asr.trials
+    # Two bounds combined (a difference, a ratio) each take half the error: the union bound
+    # keeps the pair at the policy's confidence.
+    z_half = one_sided_z(1 - (1 - NormalDist().cdf(z)) / 2)
     checks = []
     for name, threshold in policy.thresholds_for(attack).items():
         check_name: ThresholdName
         if name == "max_asr":
             check_name = "max_asr"
-            observed, lower, upper = asr.rate, asr_low, asr_high
+            observed = asr.rate
+            lower, upper = wilson_interval(asr.successes, n, z)
         elif name == "max_asr_above_baseline":
             check_name = "max_asr_above_baseline"
-            base_low, base_high = wilson_interval(baseline.successes, baseline.trials, z)
             observed = asr.rate - baseline.rate
-            lower, upper = asr_low - base_high, asr_high - base_low
+            discordant = result.discordant
+            if discordant is not None:
+                poisons_only, baseline_only = discordant
+                upper = wilson_interval(poisons_only, n, z)[1]
+                lower = (
+                    wilson_interval(poisons_only, n, z_half)[0]
+                    - wilson_interval(baseline_only, n, z_half)[1]
+                )
+            else:
+                asr_low, asr_high = wilson_interval(asr.successes, n, z_half)
+                base_low, base_high = wilson_interval(baseline.successes, baseline.trials, z_half)
+                lower, upper = asr_low - base_high, asr_high - base_low
         else:
             if reference is None:
                 continue
             check_name = "max_asr_relative_to_reference"
             ref = reference.headline
-            ref_low, ref_high = wilson_interval(ref.successes, ref.trials, z)
+            asr_low, asr_high = wilson_interval(asr.successes, n, z_half)
+            ref_low, ref_high = wilson_interval(ref.successes, ref.trials, z_half)
             observed = asr.rate / ref.rate if ref.rate > 0 else math.inf
             lower = asr_low / ref_high if ref_high > 0 else math.inf
             upper = asr_high / ref_low if ref_low > 0 else math.inf

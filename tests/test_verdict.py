@@ -107,8 +107,37 @@ def test_a_clearly_robust_model_passes():
     verdict = decide(report, Policy(default={"max_asr": 0.1, "max_asr_above_baseline": 0.1}))
     assert verdict.outcome == "pass" and len(verdict.checks) == 4
     assert all(c.outcome == "pass" and c.upper <= 0.1 for c in verdict.checks)
-    # The reason names the check closest to failing: BP (1/100) on max_asr.
-    assert verdict.reason.startswith("BP passes max_asr 10.0%")
+    # The reason names the check closest to failing: BP (1/100) above its baseline, whose
+    # two unpaired bounds each take half the error (a wider upper bound than max_asr's).
+    assert verdict.reason.startswith("BP passes max_asr_above_baseline 10.0%")
+
+
+def test_asr_above_baseline_is_bounded_from_the_paired_instances():
+    """Poisoned and baseline heads share their instances: the paired bounds use only the
+    discordant pairs, so a baseline that wins on the same targets as the poisons costs
+    nothing, where the unpaired bounds of two 15% rates could never show a 10% limit."""
+    unpaired = _attack("bp", 18, 120, baseline=15)
+    paired = unpaired.model_copy(update={"discordant": (3, 0)})
+    policy = Policy(default={"max_asr_above_baseline": 0.1})
+    z = one_sided_z(0.95)
+    (check,) = decide(_report(paired), policy).checks
+    assert check.upper == pytest.approx(wilson_interval(3, 120, z)[1])
+    assert check.outcome == "pass" and check.observed == pytest.approx(3 / 120)
+    z_half = one_sided_z(0.975)
+    assert check.lower == pytest.approx(
+        wilson_interval(3, 120, z_half)[0] - wilson_interval(0, 120, z_half)[1]
+    )
+    (loose,) = decide(_report(unpaired), policy).checks
+    assert loose.outcome == "inconclusive" and loose.upper > check.upper
+    assert loose.upper == pytest.approx(
+        wilson_interval(18, 120, z_half)[1] - wilson_interval(15, 120, z_half)[0]
+    )
+    # Poisons that win where the baseline loses, many times over: a failure.
+    (fails,) = decide(_report(paired.model_copy(update={"discordant": (40, 1)})), policy).checks
+    assert fails.outcome == "fail"
+    assert fails.lower == pytest.approx(
+        wilson_interval(40, 120, z_half)[0] - wilson_interval(1, 120, z_half)[1]
+    )
 
 
 def test_a_small_sample_is_inconclusive():
@@ -144,7 +173,8 @@ def test_per_attack_thresholds_override_the_default():
 
 
 def test_the_baseline_relative_rule():
-    z = one_sided_z(0.95)
+    # Without the discordant pairs (a report before /3) each rate takes half the error.
+    z = one_sided_z(0.975)
     # A high ASR that the clean re-training mostly reaches too: only the difference counts.
     report = _report(_attack("bp", 50, 400, baseline=48))
     verdict = decide(report, Policy(default={"max_asr_above_baseline": 0.1}))
