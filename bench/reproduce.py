@@ -88,6 +88,39 @@ def atomic_json(path: Path, value: Any) -> None:
     os.replace(partial, path)
 
 
+def ensure_model(
+    variant: Variant,
+    model_dir: Path,
+    data: Any,
+    args: argparse.Namespace,
+    split: SplitConfig,
+) -> float | None:
+    """Pre-train ``variant`` into ``model_dir`` with the CPU preset (``args``: epochs, arch,
+    seed, pgd_steps, data_dir, device) unless it is there; the seconds it took, or None."""
+    if (model_dir / "manifest.json").is_file():
+        return None
+    config = pretrain_config(
+        dataset="fashion-mnist",
+        defense=variant.defense,
+        recipe="paper",
+        epochs=args.epochs,
+        arch=args.arch,
+        seed=args.seed,
+        split=split,
+        pgd_steps=args.pgd_steps,
+        data_dir=args.data_dir,
+        device=args.device,
+        **variant.overrides,
+    )
+    log(
+        f"pre-training {variant.name}: {config.epochs} epochs, milestones "
+        f"{list(config.milestones)}, warm-up {config.warmup_epochs}"
+    )
+    result = pretrain(config, out_dir=model_dir, dataset=data, progress=epoch_logger(variant.name))
+    log(f"{variant.name}: Pre. Acc {100 * result.pre_acc:.2f}% ({result.seconds:.0f} s)")
+    return result.seconds
+
+
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -140,30 +173,10 @@ def main() -> int:
 
     for variant in chosen:
         model_dir = out / "models" / variant.name
-        if not (model_dir / "manifest.json").is_file():
-            config = pretrain_config(
-                dataset="fashion-mnist",
-                defense=variant.defense,
-                recipe="paper",
-                epochs=args.epochs,
-                arch=args.arch,
-                seed=args.seed,
-                split=split,
-                pgd_steps=args.pgd_steps,
-                data_dir=args.data_dir,
-                device=args.device,
-                **variant.overrides,
-            )
-            log(
-                f"pre-training {variant.name}: {config.epochs} epochs, milestones "
-                f"{list(config.milestones)}, warm-up {config.warmup_epochs}"
-            )
-            result = pretrain(
-                config, out_dir=model_dir, dataset=data, progress=epoch_logger(variant.name)
-            )
-            run["phases"][f"pretrain:{variant.name}"] = result.seconds
+        seconds = ensure_model(variant, model_dir, data, args, split)
+        if seconds is not None:
+            run["phases"][f"pretrain:{variant.name}"] = seconds
             atomic_json(run_path, run)
-            log(f"{variant.name}: Pre. Acc {100 * result.pre_acc:.2f}% ({result.seconds:.0f} s)")
 
         report_path = out / "reports" / f"{variant.name}.json"
         if not report_path.is_file():
