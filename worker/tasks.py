@@ -54,12 +54,18 @@ from worker.jobs import (
     Heartbeat,
     JobCancelledError,
     JobFailedError,
+    JobLostError,
     ProgressWriter,
     Resources,
+    WorkerStoppingError,
     claim_job,
     failure_message,
     finish_job,
+    give_back_job,
     release_lease,
+    send_job,
+    stop_on_sigterm,
+    stop_requested,
     worker_name,
     worker_resources,
 )
@@ -70,52 +76,74 @@ ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
 def run_job(task: Task, job_id: str, *, execute: Execute) -> None:
-    """Claim the job, run ``execute`` under a lease heartbeat, record how it ended."""
+    """Claim the job, run ``execute`` under a lease heartbeat, record how it ended.
+
+    A SIGTERM while it runs (the worker is stopping) gives the job back to the queue at the
+    next progress step, to resume from its checkpoint on another worker (``give_back_job``);
+    a cancel requested meanwhile wins."""
     resources = worker_resources()
     settings = resources.settings
     job_uuid = uuid.UUID(job_id)
     worker = worker_name()
-    job = claim_job(resources=resources, job_id=job_uuid, worker=worker)
-    if job is None:
-        return
-    logger.info("job %s (%s) attempt %d on %s", job.id, job.kind, job.attempts, worker)
-    try:
-        with Heartbeat(resources=resources, job_id=job.id, worker=worker) as heartbeat:
-            progress = ProgressWriter(resources=resources, job_id=job.id, heartbeat=heartbeat)
-            execute(job, resources, progress)
-    except JobCancelledError:
-        finish_job(
-            resources=resources,
-            job_id=job.id,
-            status=JobStatus.CANCELLED,
-            phase="cancelled",
-            message="cancelled while running",
-        )
-    except SoftTimeLimitExceeded:
-        finish_job(
-            resources=resources,
-            job_id=job.id,
-            status=JobStatus.FAILED,
-            phase="time limit",
-            error=f"the job ran past the worker's time limit of "
-            f"{settings.task_soft_time_limit_seconds} s; ask for fewer epochs or iterations",
-        )
-    except OperationalError as error:  # the database went away: transient, retry later
-        logger.warning("job %s: database error, retrying: %s", job.id, error)
-        with contextlib.suppress(OperationalError):
-            release_lease(resources=resources, job_id=job.id)
-        raise task.retry(exc=error, countdown=settings.lease_seconds + 5, max_retries=5) from error
-    except Exception as error:
-        message, internal = failure_message(error)
-        finish_job(
-            resources=resources,
-            job_id=job.id,
-            status=JobStatus.FAILED,
-            phase="failed",
-            error=message,
-        )
-        if internal:
-            logger.exception("job %s failed", job.id)
+    with stop_on_sigterm():
+        if stop_requested.is_set():  # stopping before the claim: leave the job for the next
+            send_job(task.app, settings=settings, job_id=job_uuid, kind=_kind_of(task))
+            return
+        job = claim_job(resources=resources, job_id=job_uuid, worker=worker)
+        if job is None:
+            return
+        logger.info("job %s (%s) attempt %d on %s", job.id, job.kind, job.attempts, worker)
+        try:
+            with Heartbeat(resources=resources, job_id=job.id, worker=worker) as heartbeat:
+                progress = ProgressWriter(resources=resources, job_id=job.id, heartbeat=heartbeat)
+                execute(job, resources, progress)
+        except WorkerStoppingError:
+            given = give_back_job(
+                resources=resources, job_id=job.id, worker=worker, celery=task.app
+            )
+            logger.info("job %s: worker stopping; job given back (%s)", job.id, given)
+        except JobLostError:
+            logger.warning("job %s was taken over by another worker; this run stops", job.id)
+        except JobCancelledError:
+            finish_job(
+                resources=resources,
+                job_id=job.id,
+                status=JobStatus.CANCELLED,
+                phase="cancelled",
+                message="cancelled while running",
+            )
+        except SoftTimeLimitExceeded:
+            finish_job(
+                resources=resources,
+                job_id=job.id,
+                status=JobStatus.FAILED,
+                phase="time limit",
+                error=f"the job ran past the worker's time limit of "
+                f"{settings.task_soft_time_limit_seconds} s; ask for fewer epochs or iterations",
+            )
+        except OperationalError as error:  # the database went away: transient, retry later
+            logger.warning("job %s: database error, retrying: %s", job.id, error)
+            with contextlib.suppress(OperationalError):
+                release_lease(resources=resources, job_id=job.id)
+            raise task.retry(
+                exc=error, countdown=settings.lease_seconds + 5, max_retries=5
+            ) from error
+        except Exception as error:
+            message, internal = failure_message(error)
+            finish_job(
+                resources=resources,
+                job_id=job.id,
+                status=JobStatus.FAILED,
+                phase="failed",
+                error=message,
+            )
+            if internal:
+                logger.exception("job %s failed", job.id)
+
+
+def _kind_of(task: Task) -> str:
+    """The job kind whose task ``task`` is (``catalog.JOB_KINDS`` names each kind's task)."""
+    return next(kind.name for kind in JOB_KINDS.entries() if kind.task == task.name)
 
 
 def dataset_dir(settings: Settings, name: str) -> str | None:
@@ -403,12 +431,17 @@ def execute_audit(job: Job, resources: Resources, progress: ProgressWriter) -> N
         work_dir / "reference",
         progress,
     )
+    # The tenant's policy in force now decides the verdict (and, for a sequential audit,
+    # when to stop crafting); its version is recorded with the verdict.
+    with resources.session_factory() as session:
+        version, policy = current_policy(session, job.tenant_id)
     poisons_dir = work_dir / "poisons"
     report = run_audit(
         config.model_copy(update={"reference": reference.path}),
         progress=progress,
         poisons_dir=poisons_dir,
         reference_source=reference.source,
+        policy=policy,
     )
     # The poisons (exact .npz and a .png strip per attack) go to the store beside the report.
     stored = []
@@ -416,8 +449,6 @@ def execute_audit(job: Job, resources: Resources, progress: ProgressWriter) -> N
         key = f"reports/{job.id}/poisons/{path.name}"
         store.put_file(key, path)
         stored.append(key)
-    with resources.session_factory() as session:
-        version, policy = current_policy(session, job.tenant_id)
     # What the tenant reads names the models by their API paths, never by this worker's
     # scratch paths (the folders and the dataset file are gone once the job ends anyway).
     public_model = f"/v1/models/{model_id}"
