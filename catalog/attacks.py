@@ -45,6 +45,13 @@ class ConvexPolytopeSettings(PolytopeSettings):
     )
 
 
+class GradientMatchingSettings(AttackSettings):
+    lr: float = Field(0.01, gt=0, le=1, description="Adam step on the poisons, in pixels")
+    restarts: int = Field(
+        2, ge=1, le=16, description="random starts per instance; the best match is kept"
+    )
+
+
 @dataclass(frozen=True)
 class AttackSpec:
     name: str
@@ -77,6 +84,12 @@ ATTACKS: Catalog[AttackSpec] = Catalog(
             title="Bullseye Polytope",
             reference="Aghakhani et al. 2021",
             settings=PolytopeSettings,
+        ),
+        AttackSpec(
+            name="gm",
+            title="Gradient Matching",
+            reference='Geiping et al. 2021, "Witches\' Brew", in the transfer setting',
+            settings=GradientMatchingSettings,
         ),
     ],
 )

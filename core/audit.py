@@ -70,9 +70,10 @@ from core.report import (
     ReferenceFacts,
     ScreenFacts,
     SequentialFacts,
+    UnionResult,
 )
 from core.screen import screen
-from core.verdict import decide_results, difference_interval, wilson_interval
+from core.verdict import UNION, decide_results, difference_interval, wilson_interval
 
 
 class AuditError(BulwarkError):
@@ -682,7 +683,7 @@ def score_stage(
     *,
     clean_correct: Sequence[bool],
     pair_sources: dict[tuple[int, int], PairSource],
-    reach_level: float,
+    reach_level: float | None,
 ) -> AttackResult:
     """ASR, the baseline, Re. Acc and a row per instance for one attack; the headline (ASR
     among targets the clean model gets right), ASR per pair, and the reach."""
@@ -757,7 +758,7 @@ def score_stage(
         baseline_correct_targets=rate(sum(baseline_success[i] for i in correct), len(correct)),
         pairs=pairs,
         reach_level=reach_level,
-        unreached=sum(1 for value in relative if value > reach_level),
+        unreached=0 if reach_level is None else sum(1 for value in relative if value > reach_level),
         crafting_work=crafted.work,
         discordant=(
             sum(1 for i in correct if success[i] and not baseline_success[i]),
@@ -894,7 +895,11 @@ class _Side:
             seconds,
             clean_correct=self.features.clean_correct.tolist(),
             pair_sources=pair_sources,
-            reach_level=self.inputs.config.reach_level,
+            # Distance to the target says whether an attack reached it only for attacks that
+            # pull poisons onto the target in feature space.
+            reach_level=self.inputs.config.reach_level
+            if attack_class(name).feature_space
+            else None,
         )
 
 
@@ -1098,12 +1103,25 @@ def run_audit(
         done += group
         rounds_run = number + 1
         if config.sequential and number < len(groups) - 1:
+            looked = model_side.subset(done)
+            results_so_far = crafting[""].results(looked, pair_sources)
+            references_so_far: dict[str, AttackResult] = {}
+            reference_union = None
+            if reference_side is not None:
+                looked_reference = reference_side.subset(done)
+                references_so_far = crafting["reference:"].results(looked_reference, pair_sources)
+                if len(references_so_far) > 1:
+                    reference_union = union_result(
+                        references_so_far, looked_reference.features.clean_correct.tolist()
+                    )
             verdict = decide_results(
-                crafting[""].results(model_side.subset(done), pair_sources),
-                crafting["reference:"].results(reference_side.subset(done), pair_sources)
-                if reference_side is not None
-                else {},
+                results_so_far,
+                references_so_far,
                 look,
+                union=union_result(results_so_far, looked.features.clean_correct.tolist())
+                if len(results_so_far) > 1
+                else None,
+                reference_union=reference_union,
             )
             if verdict.outcome != "inconclusive":
                 stopped_by = (
@@ -1144,12 +1162,18 @@ def run_audit(
             head_init="pretrained" if reference_run.inputs.classes_match else "fresh",
             instances_correct=int(reference_run.features.clean_correct.sum()),
             attacks=reference_results,
+            union=union_result(reference_results, reference_run.features.clean_correct.tolist())
+            if len(reference_results) > 1
+            else None,
         )
 
     sequential = None
     if config.sequential:
         planned = sum(
-            len(inputs.instances) * config.poisons(name) * (config.iterations + 1)
+            len(inputs.instances)
+            * config.poisons(name)
+            * (config.iterations + 1)
+            * getattr(config.attack_settings[name], "restarts", 1)
             for name in config.attacks
         ) * len(sides)
         work = sum(crafting[prefix].work for prefix, _ in sides)
@@ -1262,12 +1286,42 @@ def _model_facts(inputs: AuditInputs, path: str) -> ModelFacts:
     )
 
 
-def compare(results: dict[str, AttackResult], reference: ReferenceFacts) -> dict[str, Comparison]:
-    """Per attack run on both: the headline rates and model minus reference with Newcombe's
-    95% interval."""
+def union_result(results: dict[str, AttackResult], clean_correct: Sequence[bool]) -> UnionResult:
+    """The worst case over ``results`` (same instances): lost if any attack won it."""
+    count = len(clean_correct)
+    won = [False] * count
+    base = [False] * count
+    for result in results.values():
+        for row in result.rows:
+            won[row.instance] |= row.success
+            base[row.instance] |= row.baseline_success
+    correct = [i for i in range(count) if clean_correct[i]]
+    return UnionResult(
+        attacks=list(results),
+        asr=rate(sum(won[i] for i in correct), len(correct)),
+        asr_all=rate(sum(won), count),
+        baseline=rate(sum(base[i] for i in correct), len(correct)),
+        discordant=(
+            sum(1 for i in correct if won[i] and not base[i]),
+            sum(1 for i in correct if base[i] and not won[i]),
+        ),
+    )
+
+
+def compare(
+    results: dict[str, AttackResult],
+    reference: ReferenceFacts,
+    union: UnionResult | None = None,
+) -> dict[str, Comparison]:
+    """Per attack run on both (and the union where both have one): the headline rates and
+    model minus reference with Newcombe's 95% interval."""
     comparison = {}
-    for name, result in results.items():
-        theirs = reference.attacks.get(name)
+    pairs: dict[str, tuple[AttackResult | UnionResult, AttackResult | UnionResult | None]] = {
+        name: (result, reference.attacks.get(name)) for name, result in results.items()
+    }
+    if union is not None:
+        pairs[UNION] = (union, reference.union)
+    for name, (result, theirs) in pairs.items():
         if theirs is None:
             continue
         mine, ref = result.headline, theirs.headline
@@ -1294,12 +1348,13 @@ def _report(
     curve: BudgetCurve | None,
 ) -> AuditReport:
     config, data = inputs.config, inputs.data
+    clean_correct = features.clean_correct.tolist()
+    union = union_result(results, clean_correct) if len(results) > 1 else None
     pre_acc_source: Literal["measured", "manifest"] | None = None
     if inputs.classes_match:
         pre_acc_source = "measured"
     elif features.pre_acc is not None:
         pre_acc_source = "manifest"
-    clean_correct = features.clean_correct.tolist()
     return AuditReport(
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         model=_model_facts(inputs, config.model),
@@ -1335,7 +1390,8 @@ def _report(
         pair_choices=choices,
         reference=reference,
         reference_note=None if reference is not None else "no reference model was given",
-        comparison=compare(results, reference) if reference is not None else {},
+        comparison=compare(results, reference, union) if reference is not None else {},
+        union=union,
         budget_curve=curve,
     )
 

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.verdict import Verdict
+from core.verdict import UNION, Verdict
 
 SchemaVersion = Literal["bulwark-audit/1", "bulwark-audit/2", "bulwark-audit/3"]
 SCHEMA_VERSION: SchemaVersion = "bulwark-audit/3"
@@ -176,6 +176,30 @@ class AttackResult(_Part):
         return self.unreached > 0
 
 
+class UnionResult(_Part):
+    """The worst case over the audit's attacks: an instance is lost if any attack wins it.
+
+    ``asr`` is the headline (targets the clean model classifies correctly), ``asr_all`` over
+    every instance; ``baseline`` counts the headline's instances where any attack's baseline
+    re-training (its unperturbed bases) already put the target in the poison class, and
+    ``discordant`` the instances some attack won while no baseline did, and the reverse.
+    """
+
+    attacks: list[str]
+    asr: Rate
+    asr_all: Rate
+    baseline: Rate
+    discordant: tuple[int, int]
+
+    @property
+    def headline(self) -> Rate:
+        return self.asr
+
+    @property
+    def headline_baseline(self) -> Rate:
+        return self.baseline
+
+
 class ModelFacts(_Part):
     path: str
     arch: str
@@ -215,6 +239,7 @@ class ReferenceFacts(_Part):
     head_init: Literal["pretrained", "fresh"]
     instances_correct: int  # instances whose target the reference's clean model gets right
     attacks: dict[str, AttackResult]
+    union: UnionResult | None = None
 
 
 class Comparison(_Part):
@@ -303,6 +328,8 @@ class AuditReport(_Part):
     comparison: dict[str, Comparison] = Field(default_factory=dict)
     budget_curve: BudgetCurve | None = None
     sequential: SequentialFacts | None = None
+    # The worst case over the attacks (two or more): what the verdict also checks.
+    union: UnionResult | None = None
 
     def write(self, path: Path) -> None:
         """Indented JSON, atomically (a temporary file renamed into place)."""
@@ -413,6 +440,8 @@ def _reference_cells(report: AuditReport, attack: str) -> tuple[str, str]:
         )
     if report.reference is not None and attack in report.reference.attacks:
         return rate_cell(report.reference.attacks[attack].headline), "-"
+    if attack == UNION and report.reference is not None and report.reference.union is not None:
+        return rate_cell(report.reference.union.headline), "-"
     return "-", "-"
 
 
@@ -431,6 +460,17 @@ def asr_rows(report: AuditReport) -> list[tuple[str, ...]]:
         if with_reference:
             cells += _reference_cells(report, name)
         cells += [percent(result.headline_baseline.rate), re_acc_cell(result.re_acc)]
+        rows.append(tuple(cells))
+    union = report.union
+    if union is not None:
+        cells = [
+            f"{UNION.upper()} ({'|'.join(a.upper() for a in union.attacks)})",
+            rate_cell(union.asr),
+            interval_cell(union.asr.wilson95),
+        ]
+        if with_reference:
+            cells += _reference_cells(report, UNION)
+        cells += [percent(union.baseline.rate), "-"]
         rows.append(tuple(cells))
     return rows
 
@@ -571,11 +611,14 @@ def comparison_rows(report: AuditReport) -> list[tuple[str, ...]]:
     for name, comparison in report.comparison.items():
         model = rate_cell(comparison.model)
         result = report.attacks.get(name)
+        label = name.upper()
+        if name == UNION and report.union is not None:
+            label = f"{UNION.upper()} ({'|'.join(a.upper() for a in report.union.attacks)})"
         if result is not None and result.asr_is_lower_bound:
             model += f" {LOWER_BOUND_MARK}"
         rows.append(
             (
-                name.upper(),
+                label,
                 model,
                 interval_cell(comparison.model.wilson95),
                 rate_cell(comparison.reference),

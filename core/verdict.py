@@ -24,6 +24,9 @@ policy's confidence:
 Every rate is the report's headline: ASR among the targets the clean model classifies
 correctly (``AttackResult.headline``), where the report has it.
 
+An audit of two or more attacks is also checked on their union (an instance lost to any
+attack), under the policy's default thresholds: the worst case a hub should plan for.
+
 The audit fails if any check fails, else is inconclusive if any check is, else passes. A report
 with no check to make (the policy's thresholds name none of its attacks) is inconclusive.
 Attacks named in the policy that the audit did not run are not checked.
@@ -44,7 +47,11 @@ from pydantic import BaseModel, ConfigDict
 from catalog.policy import DEFAULT_POLICY, Policy
 
 if TYPE_CHECKING:
-    from core.report import AttackResult, AuditReport
+    from core.report import AttackResult, AuditReport, UnionResult
+
+# The name the union of the attacks' successes goes by in checks, comparisons and tables; it
+# is checked like an attack under the policy's default thresholds.
+UNION = "union"
 
 Outcome = Literal["pass", "fail", "inconclusive"]
 ThresholdName = Literal["max_asr", "max_asr_above_baseline", "max_asr_relative_to_reference"]
@@ -139,8 +146,8 @@ def _outcome(lower: float, upper: float, threshold: float) -> Outcome:
 
 def _checks(
     attack: str,
-    result: AttackResult,
-    reference: AttackResult | None,
+    result: AttackResult | UnionResult,
+    reference: AttackResult | UnionResult | None,
     policy: Policy,
     z: float,
 ) -> list[Check]:
@@ -246,8 +253,15 @@ def _reason(check: Check, confidence: float) -> str:
 def decide(report: AuditReport, policy: Policy, *, version: int | None = None) -> Verdict:
     """The verdict of ``report`` under ``policy`` (see the module docstring); the verdict
     records the policy and ``version``, its stored version (None: not a stored policy)."""
-    references = report.reference.attacks if report.reference is not None else {}
-    return decide_results(report.attacks, references, policy, version=version)
+    reference = report.reference
+    return decide_results(
+        report.attacks,
+        reference.attacks if reference is not None else {},
+        policy,
+        version=version,
+        union=report.union,
+        reference_union=reference.union if reference is not None else None,
+    )
 
 
 def decide_results(
@@ -256,15 +270,21 @@ def decide_results(
     policy: Policy,
     *,
     version: int | None = None,
+    union: UnionResult | None = None,
+    reference_union: UnionResult | None = None,
 ) -> Verdict:
-    """:func:`decide` on per-attack results and the reference's (empty: no reference); a
-    sequential audit decides on the rounds run so far with this."""
+    """:func:`decide` on per-attack results and the reference's (empty: no reference), and
+    the union over the attacks where there is one; a sequential audit decides on the rounds
+    run so far with this."""
     z = one_sided_z(policy.confidence)
     checks = [
         check
         for attack, result in attacks.items()
         for check in _checks(attack, result, references.get(attack), policy, z)
     ]
+    if union is not None:
+        # The worst case: an instance lost to any attack, under the default thresholds.
+        checks += _checks(UNION, union, reference_union, policy, z)
     if not checks:
         return Verdict(
             outcome="inconclusive",

@@ -22,7 +22,7 @@ from core.config import AuditConfig, pretrain_config
 from core.datasets import load_dataset
 from core.train import pretrain
 
-pytestmark = pytest.mark.slow  # two pre-trainings and two audits: about 4 minutes on 2 cores
+pytestmark = pytest.mark.slow  # two pre-trainings and two audits: about 5 minutes on 2 cores
 
 SPLIT = SplitConfig(pretrain=1000, retrain=50, pool=150)
 SIMILAR_PAIRS = ((6, 0), (0, 6), (2, 4), (4, 2))  # (target, poison): shirt/T-shirt, pullover/coat
@@ -57,6 +57,7 @@ def reports(fashion, tmp_path_factory) -> dict[str, dict]:
             dataset="fashion-mnist",
             split=SPLIT,
             pairs=SIMILAR_PAIRS,
+            attacks=("fc", "cp", "bp", "gm"),
             targets_per_pair=5,
             iterations=200,
             screen_images=200,
@@ -89,3 +90,23 @@ def test_adversarial_pretraining_lowers_bullseye_asr_on_the_same_instances(repor
     assert at["attacks"]["bp"]["successes"] < none["attacks"]["bp"]["successes"]
     # And the Eq. 4b screen sees why: less adversarial feature drift after AT.
     assert at["screen"]["normalized_drift"] < none["screen"]["normalized_drift"]
+
+
+def test_the_union_is_the_worst_case_and_clearly_above_the_baseline(reports):
+    """Issue 12's strength test: over the closest pairs of an undefended model, an instance
+    lost to any attack counts; the union is at least the best single attack and clearly
+    above its baseline (no attack at all)."""
+    none = reports["none"]
+    union = none["union"]
+    best = max(result["asr_correct_targets"]["successes"] for result in none["attacks"].values())
+    assert union["asr"]["successes"] >= best
+    assert union["asr"]["successes"] >= union["baseline"]["successes"] + 5, union
+    won, lost_anyway = union["discordant"]
+    assert won >= 5 and won > 2 * lost_anyway
+
+
+def test_gradient_matching_is_no_weaker_than_no_attack(reports):
+    """GM (two restarts of 200 steps) on the head the victim starts from: at least the
+    baseline's successes on the undefended model."""
+    result = reports["none"]["attacks"]["gm"]
+    assert result["successes"] >= result["baseline"]["successes"], result["successes"]

@@ -314,3 +314,21 @@ def test_digits_dataset_is_what_the_pairs_index(checkpoints):
     assert matrix.shape == (10, 10)
     assert torch.allclose(matrix.sum(1), torch.ones(10, dtype=torch.float64), atol=1e-5)
     assert load_dataset("digits").num_classes == 10
+
+
+def test_the_union_counts_an_instance_lost_to_any_attack(audited):
+    _, report = audited
+    union = report.union
+    assert union is not None and union.attacks == ["fc", "bp"]
+    correct = [draw.clean_correct for draw in report.instances]
+    rows = {name: {r.instance: r for r in result.rows} for name, result in report.attacks.items()}
+    lost = [any(rows[name][i].success for name in rows) for i in range(len(correct))]
+    assert union.asr_all.successes == sum(lost)
+    assert union.asr.successes == sum(w for w, ok in zip(lost, correct, strict=True) if ok)
+    assert union.asr.successes >= max(r.headline.successes for r in report.attacks.values())
+    won, base = union.discordant
+    assert won - base == union.asr.successes - union.baseline.successes
+    # The reference has its union, the comparison a row for it, the verdict a check of it.
+    assert report.reference.union is not None and "union" in report.comparison
+    verdict = decide(report, Policy(default=Thresholds(max_asr=0.9)))
+    assert ("union", "max_asr") in {(c.attack, c.name) for c in verdict.checks}

@@ -213,6 +213,9 @@ class Attack:
     """
 
     name: ClassVar[str]  # the attack's catalog entry
+    # Whether the attack pulls poisons towards the target in feature space, so that an
+    # instance whose poisons end far from it was not reached (the report's reach flag).
+    feature_space: ClassVar[bool] = True
     settings: AttackSettings | None = None  # None: the catalog settings model's defaults
     delta: float = 25.5 / 255  # l_inf budget around each base, in [0,1] pixel units
     iterations: int = 500  # optimization steps (one forward + backward of all poisons each)
