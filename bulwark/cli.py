@@ -16,7 +16,18 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "db": ("db", "migrate the database (Alembic)"),
     "verify": ("verify", "check the deployment's signature on a saved audit report"),
     "demo": ("demo", "run the whole service end to end on a bundled dataset"),
+    "remote": ("remote", "talk to a remote Bulwark service: submit, watch, get, upload"),
 }
+
+
+def package_version() -> str:
+    """The installed distribution's version (``0+unknown`` in a never-installed tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bulwark")
+    except PackageNotFoundError:
+        return "0+unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="bulwark", description="Bulwark: robust pre-training and poisoning audits."
     )
+    parser.add_argument("--version", action="version", version=f"bulwark {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     # Only the chosen command's module is imported (to build its full parser); the others
     # are listed by name so that --help works without importing torch or the web stack.

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from bulwark.commands.requests import (
+    data_location_problem,
     dataset_argument,
     given,
     option_names,
@@ -306,6 +307,10 @@ def run(args: argparse.Namespace) -> int:
         return report_errors("audit", error.errors, args.flags)
     except ValueError as error:
         print(f"bulwark audit: {error}", file=sys.stderr)
+        return 2
+    problem = data_location_problem(config.dataset, config.data_dir)
+    if problem is not None:  # before any work (a reference pre-training, a model load)
+        print(f"bulwark audit: {problem}", file=sys.stderr)
         return 2
 
     from catalog.policy import DEFAULT_POLICY

@@ -28,7 +28,12 @@ def run(args: argparse.Namespace) -> int:
     from common.db import make_engine
     from common.settings import get_settings
 
-    engine = make_engine(get_settings().resolved_database_url)
+    url = get_settings().resolved_database_url
+    if args.action == "current" and _missing_sqlite_file(url):
+        # Read-only: opening a SQLite URL would create the file (and its folder).
+        print(f"database {url}: does not exist (nothing created; `bulwark db upgrade` makes it)")
+        return 1
+    engine = make_engine(url)
     try:
         if args.action == "upgrade":
             migrate.upgrade(engine, args.revision)
@@ -43,3 +48,15 @@ def run(args: argparse.Namespace) -> int:
         engine.dispose()
     print(f"database {engine.url.render_as_string(hide_password=True)}: {args.action} done")
     return 0
+
+
+def _missing_sqlite_file(url: str) -> bool:
+    from pathlib import Path
+
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    database = parsed.database
+    if not parsed.drivername.startswith("sqlite") or not database or database == ":memory:":
+        return False
+    return not Path(database).exists()

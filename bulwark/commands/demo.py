@@ -23,15 +23,39 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
         name,
         help=help_text,
         description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--defense", default="at-pcl", choices=("none", "pcl", "at", "at-pcl"))
-    parser.add_argument("--epochs", type=int, default=6, help="pre-training epochs")
-    parser.add_argument("--targets-per-pair", type=int, default=2)
-    parser.add_argument("--iterations", type=int, default=20, help="attack steps")
-    parser.add_argument("--retrain-epochs", type=int, default=20, help="head re-training epochs")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per job")
+    # Defaults are written into each help text (%(default)s): argparse's defaults formatter
+    # shows none for options without help and doubles those whose help names its own.
+    parser.add_argument(
+        "--port", type=int, default=8765, help="the demo service's port (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--defense",
+        default="at-pcl",
+        choices=("none", "pcl", "at", "at-pcl"),
+        help="the pre-training's defense (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=6, help="pre-training epochs (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--targets-per-pair",
+        type=int,
+        default=2,
+        help="audit targets per pair (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--iterations", type=int, default=20, help="attack steps (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--retrain-epochs",
+        type=int,
+        default=20,
+        help="head re-training epochs (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=900, help="seconds per job (default: %(default)s)"
+    )
     parser.set_defaults(run=run)
 
 

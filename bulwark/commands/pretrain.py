@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from bulwark.commands.requests import (
+    data_location_problem,
     dataset_argument,
     given,
     option_names,
@@ -128,6 +129,10 @@ def run(args: argparse.Namespace) -> int:
         return report_errors("pretrain", error.errors, args.flags)
     except ValueError as error:
         print(f"bulwark pretrain: {error}", file=sys.stderr)
+        return 2
+    problem = data_location_problem(config.dataset, config.data_dir)
+    if problem is not None:  # before any work (a reference pre-training, a model load)
+        print(f"bulwark pretrain: {problem}", file=sys.stderr)
         return 2
 
     print(

@@ -82,5 +82,24 @@ def report_errors(command: str, errors: list[dict[str, Any]], flags: set[str]) -
     return 2
 
 
+def data_location_problem(dataset: str, data_dir: str | None) -> str | None:
+    """Why ``dataset``'s files cannot be where the run would read them, or None: checked
+    before any work starts (the rules of ``core.datasets``: a folder, or for a one-file entry
+    such as ``npz`` a file; entries bundled with a package need none)."""
+    spec = DATASETS.get(dataset)
+    where = data_dir if data_dir is not None else spec.default_dir
+    if not spec.needs_files:
+        return None
+    if where is None:
+        kind = f"the path of its {spec.data_file} file" if spec.data_file else "its folder"
+        return f"--data-dir: dataset {dataset!r} needs {kind}"
+    path = Path(where)
+    if spec.data_file is not None and not path.is_file():
+        return f"--data-dir: no {spec.data_file} file at {where} for dataset {dataset!r}"
+    if spec.data_file is None and not path.is_dir():
+        return f"--data-dir: no folder {where} for dataset {dataset!r}"
+    return None
+
+
 def option_names(parser: argparse.ArgumentParser) -> set[str]:
     return {option for action in parser._actions for option in action.option_strings}

@@ -16,10 +16,9 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
         description="Serve the API. With no DATABASE_URL and no BROKER_URL (the embedded "
         "default) it migrates the SQLite database under BULWARK_DATA_DIR and starts a real "
         "Celery worker process on a filesystem broker beside the API.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--host", default="127.0.0.1", help="default: %(default)s")
+    parser.add_argument("--port", type=int, default=8000, help="default: %(default)s")
     parser.add_argument(
         "--worker",
         action=argparse.BooleanOptionalAction,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 
 def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> None:
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
                 try:
                     created = create_tenant(session=session, name=args.name)
                 except ConflictError as error:
-                    print(f"error: {error}")
+                    print(f"bulwark tenants create: {error}", file=sys.stderr)
                     return 1
                 print(f"tenant {created.tenant.name} ({created.tenant.id})")
                 print(f"API key (shown once, store it now): {created.api_key}")

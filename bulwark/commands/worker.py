@@ -12,10 +12,13 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
         help=help_text,
         description="Start a Celery worker on BROKER_URL (default: the embedded filesystem "
         "broker). Run one per GPU, each with CUDA_VISIBLE_DEVICES set to its GPU.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--concurrency", type=int, default=1, help="jobs run at once")
-    parser.add_argument("--loglevel", default="INFO")
+    parser.add_argument(
+        "--concurrency", type=int, default=1, help="jobs run at once (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--loglevel", default="INFO", help="Celery's log level (default: %(default)s)"
+    )
     parser.add_argument("--hostname", help="the worker's name (default: bulwark-PID@HOST)")
     parser.set_defaults(run=run)
 
