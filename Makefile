@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint system bench bench-pretrain bench-attacks
+.PHONY: demo test test-fast test-reliability lint system bench bench-pretrain bench-attacks
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,11 @@ test: lint system
 # Under 2 minutes on 2 cores: lint and the tests not marked slow or e2e (pyproject markers).
 test-fast: lint system
 	$(BIN)/pytest -q -m "not slow and not e2e"
+
+# The reliability suite in full (tests/reliability, README): each fault 5 times against its own
+# Postgres cluster and Redis. `make test` (so CI) runs each fault once.
+test-reliability: $(STAMP)
+	BULWARK_RELIABILITY_REPEATS=5 $(BIN)/pytest -q -m reliability tests/reliability
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

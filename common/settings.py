@@ -49,6 +49,12 @@ class Settings(BaseSettings):
     # whose lease ran out belongs to a dead worker and may be taken over.
     lease_seconds: float = Field(60.0, gt=0)
     max_attempts: int = Field(3, ge=1)  # a job that crashed its worker this often fails
+    # Every worker sweeps the jobs table this often (worker.jobs.Sweeper): a running job whose
+    # lease ran out is re-queued, so a dead worker's job is taken over within about
+    # lease_seconds + sweep_interval_seconds; a queued job not updated for
+    # requeue_queued_after_seconds has its message re-sent (a restarted Redis lost it).
+    sweep_interval_seconds: float = Field(30.0, gt=0)
+    requeue_queued_after_seconds: float = Field(600.0, gt=0)
     progress_interval_seconds: float = Field(2.0, ge=0)  # at most one progress write per interval
     task_soft_time_limit_seconds: int = Field(3 * DAY, ge=1)
     task_time_limit_seconds: int = Field(3 * DAY + 600, ge=1)

@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cache
 
 from celery import Celery
-from sqlalchemy import or_, select, update
+from sqlalchemy import case, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.artifacts import (
@@ -49,6 +52,42 @@ class JobCancelledError(Exception):
 
 class JobFailedError(Exception):
     """A job that cannot succeed; the message is shown to the user as the job's error."""
+
+
+class WorkerStoppingError(Exception):
+    """Raised from the progress callback once this worker process was asked to stop (SIGTERM):
+    the job is given back (``give_back_job``) and resumes from its checkpoint elsewhere."""
+
+
+class JobLostError(Exception):
+    """Raised from the progress callback once the job is no longer this worker's (its lease ran
+    out and another worker claimed it): this run stops without touching the job's row."""
+
+
+# Set by the SIGTERM handler that ``stop_on_sigterm`` installs for the duration of a job.
+stop_requested = threading.Event()
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """While a job runs in this process, SIGTERM sets :data:`stop_requested` instead of killing
+    the process, so the job can be given back at its next progress step.
+
+    Celery's pool children reset SIGTERM to its default (die at once), which left the job
+    ``running`` until its lease ran out. Only the main thread may install handlers: elsewhere
+    (an eager or threaded pool) this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def request_stop(_signum: int, _frame: object) -> None:
+        stop_requested.set()
+
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass(frozen=True)
@@ -271,6 +310,7 @@ class Heartbeat:
     def __init__(self, *, resources: Resources, job_id: uuid.UUID, worker: str) -> None:
         self.resources, self.job_id, self.worker = resources, job_id, worker
         self.cancelled = threading.Event()
+        self.lost = threading.Event()  # the job is no longer this worker's (see beat)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{job_id}", daemon=True)
 
@@ -287,12 +327,18 @@ class Heartbeat:
         with self.resources.session_factory() as session:
             cancel = session.scalar(
                 update(Job)
-                .where(Job.id == self.job_id, Job.worker == self.worker)
+                .where(
+                    Job.id == self.job_id,
+                    Job.worker == self.worker,
+                    Job.status == JobStatus.RUNNING,
+                )
                 .values(lease_expires_at=utcnow() + timedelta(seconds=lease))
                 .returning(Job.cancel_requested)
             )
             session.commit()
-        if cancel:
+        if cancel is None:  # re-queued by a sweep, or claimed by another worker: not ours
+            self.lost.set()
+        elif cancel:
             self.cancelled.set()
 
     def _run(self) -> None:
@@ -315,8 +361,13 @@ class ProgressWriter:
         self._last_phase: str | None = None
 
     def __call__(self, report: Progress) -> None:
+        # Cancellation wins over giving the job back; a lost job is left to its new holder.
         if self.heartbeat.cancelled.is_set():
             raise JobCancelledError
+        if self.heartbeat.lost.is_set():
+            raise JobLostError
+        if stop_requested.is_set():
+            raise WorkerStoppingError
         now = time.monotonic()
         if report.phase == self._last_phase and now - self._last_write < self.interval:
             return
@@ -379,7 +430,166 @@ def requeue_orphans(*, settings: Settings, celery: Celery) -> int:
     finally:
         engine.dispose()
     for job_id, kind in jobs:
-        celery.send_task(
-            task_name(kind), args=[str(job_id)], task_id=str(job_id), queue=settings.queue
-        )
+        send_job(celery, settings=settings, job_id=job_id, kind=kind)
     return len(jobs)
+
+
+REQUEUED_MESSAGE = "re-queued: its worker stopped; it resumes from its last checkpoint"
+
+
+def send_job(celery: Celery, *, settings: Settings, job_id: uuid.UUID, kind: str) -> None:
+    """(Re-)send a job's message. Duplicates are harmless: the claim lets one delivery run it."""
+    celery.send_task(task_name(kind), args=[str(job_id)], task_id=str(job_id), queue=settings.queue)
+
+
+def give_back_job(
+    *, resources: Resources, job_id: uuid.UUID, worker: str, celery: Celery
+) -> JobStatus | None:
+    """Put a job this worker holds back in the queue at once and re-send it (the worker was
+    asked to stop: SIGTERM). The attempt is not counted: the job did not crash its worker.
+
+    Cancellation wins: a job whose cancel was requested ends ``cancelled`` instead. Returns the
+    job's new status, or None where it was no longer this worker's (nothing changed)."""
+    settings = resources.settings
+    now = utcnow()
+    with resources.session_factory() as session:
+        ours = (Job.id == job_id) & (Job.worker == worker) & (Job.status == JobStatus.RUNNING)
+        requeued = rows_matched(
+            session.execute(
+                update(Job)
+                .where(ours, Job.cancel_requested.is_(False))
+                .values(
+                    status=JobStatus.QUEUED,
+                    worker=None,
+                    lease_expires_at=None,
+                    attempts=case((Job.attempts > 0, Job.attempts - 1), else_=0),
+                    message=REQUEUED_MESSAGE,
+                    eta_seconds=None,
+                    updated_at=now,
+                )
+            )
+        )
+        if requeued:
+            record_job_event(session, job_id)  # job.queued
+            session.commit()
+            kind = session.scalar(select(Job.kind).where(Job.id == job_id))
+        else:
+            session.rollback()
+            still_ours = session.scalar(select(Job.id).where(ours))
+            if still_ours is None:
+                return None
+    if not requeued:  # ours, with a cancel requested
+        finish_job(
+            resources=resources,
+            job_id=job_id,
+            status=JobStatus.CANCELLED,
+            phase="cancelled",
+            message="cancelled while its worker was stopping",
+        )
+        return JobStatus.CANCELLED
+    try:
+        assert kind is not None
+        send_job(celery, settings=settings, job_id=job_id, kind=kind)
+    except Exception:  # the broker is down: the sweep re-sends stale queued jobs
+        logger.exception("job %s re-queued but its message could not be sent", job_id)
+    return JobStatus.QUEUED
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    requeued: int  # running jobs whose lease ran out, put back in the queue
+    resent: int  # queued jobs not touched for requeue_queued_after_seconds, re-sent
+
+
+def sweep_jobs(
+    *, session_factory: sessionmaker[Session], settings: Settings, celery: Celery
+) -> SweepResult:
+    """One pass of the periodic sweep that every worker runs (``Sweeper``): no job stays stuck.
+
+    - A running job whose lease ran out (its worker died) goes back to ``queued`` and is re-sent.
+      Its attempts stay counted: a job past ``max_attempts`` is failed, with a message, by the
+      claim of that message (``_settle_unclaimable``), so a job that kills workers ends.
+    - A queued job not updated for ``requeue_queued_after_seconds`` may have lost its message
+      (Redis restarted without persistence, a send that failed): it is re-sent, and its
+      ``updated_at`` bumped, so it is re-sent at most once per that period.
+
+    Each job is picked by a conditional UPDATE, so of several workers sweeping at once only one
+    re-sends it; the messages are sent before the commit, so a broker that is down leaves the
+    rows for the next pass. A duplicate message is harmless: the claim lets one delivery run a
+    job, and a job another worker holds is a no-op.
+    """
+    now = utcnow()
+    stale = now - timedelta(seconds=settings.requeue_queued_after_seconds)
+    with session_factory() as session:
+        expired = session.execute(
+            update(Job)
+            .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < now)
+            .values(
+                status=JobStatus.QUEUED,
+                worker=None,
+                lease_expires_at=None,
+                message="re-queued: its worker stopped responding",
+                eta_seconds=None,
+                updated_at=now,
+            )
+            .returning(Job.id, Job.kind)
+        ).all()
+        for job_id, _kind in expired:
+            record_job_event(session, job_id)  # job.queued
+        waiting = session.execute(
+            update(Job)
+            .where(Job.status == JobStatus.QUEUED, Job.updated_at < stale)
+            .values(updated_at=now)
+            .returning(Job.id, Job.kind)
+        ).all()
+        try:
+            for job_id, kind in [*expired, *waiting]:
+                send_job(celery, settings=settings, job_id=job_id, kind=kind)
+        except BaseException:
+            session.rollback()
+            raise
+        session.commit()
+    for job_id, _kind in expired:
+        logger.info("job %s: its worker's lease ran out; re-queued", job_id)
+    for job_id, _kind in waiting:
+        logger.info("job %s: queued with no sign of its message; re-sent", job_id)
+    return SweepResult(requeued=len(expired), resent=len(waiting))
+
+
+class Sweeper:
+    """A daemon thread in the worker's main process running ``sweep_jobs`` every
+    ``sweep_interval_seconds``: a dead worker's job is taken over within about
+    ``lease_seconds + sweep_interval_seconds`` by any live worker, not only when one starts.
+
+    The database engine lives for one pass only: the main process forks a pool child after
+    every job, and a child must not inherit an open connection."""
+
+    def __init__(self, *, settings: Settings, celery: Celery) -> None:
+        self.settings, self.celery = settings, celery
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="bulwark-sweeper", daemon=True)
+
+    def start(self) -> Sweeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def sweep_once(self) -> SweepResult:
+        engine = make_engine(self.settings.resolved_database_url)
+        try:
+            return sweep_jobs(
+                session_factory=make_session_factory(engine),
+                settings=self.settings,
+                celery=self.celery,
+            )
+        finally:
+            engine.dispose()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.settings.sweep_interval_seconds):
+            try:
+                self.sweep_once()
+            except Exception as error:  # the database or broker may be down: try next time
+                logger.warning("job sweep failed: %s: %s", type(error).__name__, error)
