@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import platform
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -903,6 +904,73 @@ class _Side:
         )
 
 
+class AuditState:
+    """The finished attacks of an audit on disk, so a rerun resumes after the last one.
+
+    One file per (model or reference, attack, round) with the poisons, their scores and the
+    re-trained heads' outcome, written atomically and read back with
+    ``torch.load(weights_only=True)`` (tensors and numbers only: this process wrote them).
+    The folder remembers the config it was written for; another config starts it afresh.
+    Instances, pairs and crafting are deterministic for a config, so what was kept is what
+    the rerun would have computed.
+    """
+
+    CONFIG = "config.json"
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    @classmethod
+    def open(cls, folder: Path, config: AuditConfig) -> AuditState:
+        identity = config.model_dump_json(exclude={"device"})
+        marker = folder / cls.CONFIG
+        if folder.is_dir() and (not marker.is_file() or marker.read_text() != identity):
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        marker.write_text(identity)
+        return cls(folder)
+
+    def save(
+        self, key: str, crafted: CraftResult, outcome: HeadOutcome, seconds: dict[str, float]
+    ) -> None:
+        partial = self.folder / f"{key}.pt.partial"
+        torch.save(
+            {
+                "poisons": crafted.poisons.cpu(),
+                "coefficients": crafted.coefficients.cpu(),
+                "feature_distance": crafted.feature_distance.cpu(),
+                "relative_distance": crafted.relative_distance.cpu(),
+                "linf": crafted.linf.cpu(),
+                "objective": crafted.objective.cpu(),
+                "work": crafted.work,
+                "target_probs": outcome.target_probs.cpu(),
+                "re_acc": outcome.re_acc.cpu(),
+                "seconds": dict(seconds),
+            },
+            partial,
+        )
+        partial.replace(self.folder / f"{key}.pt")
+
+    def load(
+        self, key: str, device: torch.device
+    ) -> tuple[CraftResult, HeadOutcome, dict[str, float]] | None:
+        path = self.folder / f"{key}.pt"
+        if not path.is_file():
+            return None
+        saved = torch.load(path, weights_only=True, map_location=device)
+        crafted = CraftResult(
+            poisons=saved["poisons"],
+            coefficients=saved["coefficients"],
+            feature_distance=saved["feature_distance"],
+            relative_distance=saved["relative_distance"],
+            linf=saved["linf"],
+            objective=saved["objective"],
+            work=int(saved["work"]),
+        )
+        outcome = HeadOutcome(target_probs=saved["target_probs"], re_acc=saved["re_acc"])
+        return crafted, outcome, {k: float(v) for k, v in saved["seconds"].items()}
+
+
 def merge_crafts(parts: Sequence[CraftResult]) -> CraftResult:
     """The crafting of several rounds as one, instances in round order. An instance whose
     crafting stopped early has a shorter objective history: its last value is repeated."""
@@ -1006,6 +1074,7 @@ def run_audit(
     dataset: ImageDataset | None = None,
     reference_source: Literal["named", "auto"] = "named",
     policy: Policy | None = None,
+    state_dir: Path | None = None,
 ) -> AuditReport:
     """Run ``config.attacks`` against ``config.model`` and return the ASR report.
 
@@ -1026,6 +1095,9 @@ def run_audit(
         policy: the policy a sequential audit (``config.sequential``) stops under
             (default: ``catalog.policy.DEFAULT_POLICY``); the caller still decides the
             report's verdict.
+        state_dir: where each finished attack (per round and per model) is kept, so that an
+            audit stopped mid-way (a worker that died) resumes from its last finished attack
+            when run again with the same config and folder (:class:`AuditState`).
 
     A sequential audit crafts the instances in ``config.rounds`` rounds, each a share of
     every pair's targets, and after each round decides the verdict under ``policy`` at a
@@ -1069,6 +1141,7 @@ def run_audit(
         reference_side = _Side.of(reference_inputs, reference_features)
 
     sides = [("", model_side)] + ([("reference:", reference_side)] if reference_side else [])
+    state = AuditState.open(state_dir, config) if state_dir is not None else None
     crafting = {prefix: _Crafting.empty(config.attacks) for prefix, _ in sides}
     groups = (
         instance_rounds(inputs.instances, config.rounds)
@@ -1093,10 +1166,17 @@ def run_audit(
                     local = (base + step / steps) / len(groups)
                     tracker.report(phase, local, step=step, steps=steps, loss=objective)
 
-                tracker.report(phase, number / len(groups), step=0, steps=config.iterations)
-                crafted, outcome, seconds = round_side.craft(
-                    name, on_step=on_step, early_stop_every=config.early_stop_every
-                )
+                step_key = f"{prefix.rstrip(':') or 'model'}-{name}-round{number}"
+                done_before = state.load(step_key, inputs.device) if state is not None else None
+                if done_before is not None:
+                    crafted, outcome, seconds = done_before
+                else:
+                    tracker.report(phase, number / len(groups), step=0, steps=config.iterations)
+                    crafted, outcome, seconds = round_side.craft(
+                        name, on_step=on_step, early_stop_every=config.early_stop_every
+                    )
+                    if state is not None:
+                        state.save(step_key, crafted, outcome, seconds)
                 crafting[prefix].add(name, crafted, outcome, seconds)
                 tracker.finish(phase, share)
                 tracker.finish(f"{prefix}retrain:{name}", share)

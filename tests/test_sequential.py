@@ -143,3 +143,47 @@ def test_early_stop_saves_work_where_instances_succeed(undefended):
     assert early.attacks["bp"].crafting_work < plain.attacks["bp"].crafting_work
     # An attacker who stops once the poisons work wins at least as often.
     assert early.attacks["bp"].successes >= won - 1
+
+
+def test_an_interrupted_audit_resumes_from_its_last_finished_attack(
+    undefended, tmp_path, monkeypatch
+):
+    """A worker that dies mid-audit: the rerun with the same state folder crafts only what
+    was not finished, and the report equals an uninterrupted run's."""
+    import core.audit
+
+    config = _config(undefended, attacks=("fc", "bp"), reference=str(undefended))
+    uninterrupted = run_audit(config)
+
+    crafted: list[str] = []
+    real = core.audit.craft_stage
+
+    def counting(inputs, features, attack, *args, **kwargs):
+        crafted.append(attack)
+        return real(inputs, features, attack, *args, **kwargs)
+
+    monkeypatch.setattr(core.audit, "craft_stage", counting)
+
+    class WorkerDiedError(Exception):
+        pass
+
+    def die_in_bp(update):
+        if update.phase == "craft:bp" and (update.step or 0) >= 5:
+            raise WorkerDiedError
+
+    state = tmp_path / "state"
+    with pytest.raises(WorkerDiedError):
+        run_audit(config, progress=die_in_bp, state_dir=state)
+    assert crafted == ["fc", "bp"]
+    crafted.clear()
+    resumed = run_audit(config, state_dir=state)
+    # FC was kept; BP (interrupted) and the reference's attacks are crafted now.
+    assert crafted == ["bp", "fc", "bp"]
+    for name in ("fc", "bp"):
+        assert resumed.attacks[name].rows == uninterrupted.attacks[name].rows
+        assert resumed.reference.attacks[name].rows == uninterrupted.reference.attacks[name].rows
+    # Another config starts afresh.
+    crafted.clear()
+    other = _config(undefended, attacks=("fc",), attack_settings={}, reference=str(undefended))
+    run_audit(other, state_dir=state)
+    assert crafted == ["fc", "fc"]

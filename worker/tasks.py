@@ -442,6 +442,8 @@ def execute_audit(job: Job, resources: Resources, progress: ProgressWriter) -> N
         poisons_dir=poisons_dir,
         reference_source=reference.source,
         policy=policy,
+        # A redelivered audit (its worker died) resumes after its last finished attack.
+        state_dir=work_dir / "audit-state",
     )
     # The poisons (exact .npz and a .png strip per attack) go to the store beside the report.
     stored = []
