@@ -8,6 +8,7 @@ from fastapi import FastAPI
 
 from api.deps import SigningKeySource
 from api.errors import install_error_handlers
+from api.openapi import TAGS, install_openapi
 from api.routes import (
     datasets,
     health,
@@ -39,7 +40,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="Bulwark",
         version=package_version(),
         description="Robust pre-training and clean-label poisoning audits of feature "
-        "extractors. Every /v1 route needs `Authorization: Bearer <key>`.",
+        "extractors. Every /v1 route needs `Authorization: Bearer <key>`. Every error answer "
+        "is an RFC 9457 problem (`application/problem+json`, the `Problem` schema).",
+        openapi_tags=TAGS,
         lifespan=webhook_lifespan,  # the webhook delivery pump runs while the app serves
     )
     signing_key = SigningKeySource(settings)
@@ -54,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings)
     app.state.signing_key = signing_key
     install_error_handlers(app)
+    install_openapi(app)
     for router in (
         health.router,
         signing.router,

@@ -135,6 +135,9 @@ class StoredModel(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     weights_key: Mapped[str] = mapped_column(String(300))  # in the artifact store
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # A deleted model keeps its row as a tombstone (its files are removed): reads answer 404,
+    # a repeated DELETE is 204, and the jobs and reports that name it keep their ids.
+    deleted_at: Mapped[datetime | None]
 
 
 class TenantDataset(Base):
@@ -215,6 +218,8 @@ class Job(Base):
     started_at: Mapped[datetime | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None]
+    # A deleted (finished) job keeps its row as a tombstone; its artifacts are removed.
+    deleted_at: Mapped[datetime | None]
 
     @validates("kind")
     def _known_kind(self, _key: str, kind: str) -> str:

@@ -9,8 +9,10 @@ from fastapi import APIRouter, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 
 from api.deps import CeleryDep, CurrentTenant, SessionDep, SettingsDep, StoreDep
+from api.errors import problem_responses
 from api.schemas import DatasetPublic, DatasetsPage
 from api.services import datasets as dataset_service
+from api.services.jobs import SortOrder
 from api.uploads import receive_upload
 from catalog import DATASET_FORMATS
 
@@ -51,9 +53,21 @@ UPLOAD_FORM = {
     status_code=status.HTTP_202_ACCEPTED,
     response_model=DatasetPublic,
     openapi_extra=UPLOAD_FORM,
+    operation_id="uploadDataset",
+    summary="Upload a dataset",
+    responses={
+        202: {
+            "description": "The dataset, pending until its dataset job has read it",
+            "headers": {
+                "Location": {"description": "the dataset's URL", "schema": {"type": "string"}}
+            },
+        },
+        **problem_responses(413, 422),
+    },
 )
 async def upload_dataset(
     request: Request,
+    response: Response,
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
@@ -82,18 +96,22 @@ async def upload_dataset(
             upload=upload,
         )
     )
+    response.headers["Location"] = f"/v1/datasets/{dataset.id}"
     return dataset_service.dataset_public(dataset)
 
 
-@router.get("")
+@router.get("", operation_id="listDatasets", summary="List datasets")
 def list_datasets(
     session: SessionDep,
     tenant: CurrentTenant,
+    order: Annotated[
+        SortOrder, Query(description="by creation time: desc (newest first, the default) or asc")
+    ] = "desc",
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> DatasetsPage:
     datasets, total = dataset_service.list_datasets(
-        session=session, tenant=tenant, limit=limit, offset=offset
+        session=session, tenant=tenant, limit=limit, offset=offset, order=order
     )
     return DatasetsPage(
         items=[dataset_service.dataset_public(d) for d in datasets],
@@ -103,14 +121,20 @@ def list_datasets(
     )
 
 
-@router.get("/{dataset_id}")
+@router.get("/{dataset_id}", operation_id="getDataset", summary="Read a dataset")
 def get_dataset(dataset_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -> DatasetPublic:
     return dataset_service.dataset_public(
         dataset_service.get_dataset(session=session, tenant=tenant, dataset_id=dataset_id)
     )
 
 
-@router.delete("/{dataset_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete(
+    "/{dataset_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    operation_id="deleteDataset",
+    summary="Delete a dataset",
+    responses=problem_responses(409),
+)
 def delete_dataset(
     dataset_id: uuid.UUID, session: SessionDep, store: StoreDep, tenant: CurrentTenant
 ) -> Response:

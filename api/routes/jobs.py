@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, status
+from fastapi import APIRouter, Header, Query, Response, status
+from fastapi.responses import JSONResponse
 
-from api.deps import CeleryDep, CurrentTenant, SessionDep, SettingsDep, SigningKeyDep
+from api.deps import CeleryDep, CurrentTenant, SessionDep, SettingsDep, SigningKeyDep, StoreDep
+from api.errors import problem_responses
 from api.schemas import JobPublic, JobsPage, ReportPublic, SignaturePublic
 from api.services import jobs as job_service
+from api.services.jobs import SortOrder
 from catalog import JobKindName
 from common.models import JobStatus
 from common.signing import sign_report
 from common.specs import AuditJobCreate, PretrainJobCreate
 from core.report import AuditReport
+from core.verdict import Outcome
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -22,11 +26,30 @@ IdempotencyKey = Annotated[
     str | None,
     Header(max_length=200, description="a retried POST with the same key returns the same job"),
 ]
+Order = Annotated[
+    SortOrder, Query(description="by creation time: desc (newest first, the default) or asc")
+]
+LOCATION = {"Location": {"description": "the job's URL", "schema": {"type": "string"}}}
+SUBMITTED: dict[int | str, dict[str, Any]] = {
+    202: {"description": "The job, queued", "headers": LOCATION}
+}
 
 
-@router.post("/pretrain", status_code=status.HTTP_202_ACCEPTED)
+def submitted(job: JobPublic, response: Response) -> JobPublic:
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job
+
+
+@router.post(
+    "/pretrain",
+    status_code=status.HTTP_202_ACCEPTED,
+    operation_id="createPretrainJob",
+    summary="Submit a pre-training job",
+    responses={**SUBMITTED, **problem_responses(404, 409)},
+)
 def submit_pretrain(
     spec: PretrainJobCreate,
+    response: Response,
     session: SessionDep,
     celery: CeleryDep,
     settings: SettingsDep,
@@ -41,12 +64,19 @@ def submit_pretrain(
         spec=spec,
         idempotency_key=idempotency_key,
     )
-    return job_service.job_public(job)
+    return submitted(job_service.job_public(job), response)
 
 
-@router.post("/audit", status_code=status.HTTP_202_ACCEPTED)
+@router.post(
+    "/audit",
+    status_code=status.HTTP_202_ACCEPTED,
+    operation_id="createAuditJob",
+    summary="Submit an audit job",
+    responses={**SUBMITTED, **problem_responses(404, 409)},
+)
 def submit_audit(
     spec: AuditJobCreate,
+    response: Response,
     session: SessionDep,
     celery: CeleryDep,
     settings: SettingsDep,
@@ -61,41 +91,109 @@ def submit_audit(
         spec=spec,
         idempotency_key=idempotency_key,
     )
-    return job_service.job_public(job)
+    return submitted(job_service.job_public(job), response)
 
 
-@router.get("")
+@router.get("", operation_id="listJobs", summary="List jobs")
 def list_jobs(
     session: SessionDep,
     tenant: CurrentTenant,
     kind: JobKindName | None = None,
     status: JobStatus | None = None,
+    verdict: Annotated[
+        Outcome | None,
+        Query(description="only audits whose report's policy verdict has this outcome"),
+    ] = None,
+    order: Order = "desc",
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> JobsPage:
     jobs, total = job_service.list_jobs(
-        session=session, tenant=tenant, kind=kind, status=status, limit=limit, offset=offset
+        session=session,
+        tenant=tenant,
+        kind=kind,
+        status=status,
+        verdict=verdict,
+        order=order,
+        limit=limit,
+        offset=offset,
     )
     return JobsPage(
         items=[job_service.job_public(j) for j in jobs], total=total, limit=limit, offset=offset
     )
 
 
-@router.get("/{job_id}")
-def get_job(job_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -> JobPublic:
-    return job_service.job_public(
+@router.get(
+    "/{job_id}",
+    operation_id="getJob",
+    summary="Read a job",
+    response_model=JobPublic,
+    responses={
+        200: {
+            "description": "The job",
+            "headers": {"ETag": {"description": "of this state", "schema": {"type": "string"}}},
+        },
+        304: {"description": "Not modified: the job is still as the `If-None-Match` ETag"},
+    },
+)
+def get_job(
+    job_id: uuid.UUID,
+    session: SessionDep,
+    tenant: CurrentTenant,
+    if_none_match: Annotated[
+        str | None,
+        Header(max_length=2000, description="an ETag of an earlier answer: 304 while unchanged"),
+    ] = None,
+) -> Response:
+    """The job's state; its ``ETag`` changes whenever anything in it does, so a poller that
+    sends ``If-None-Match`` gets an empty 304 until then."""
+    public = job_service.job_public(
         job_service.get_job(session=session, tenant=tenant, job_id=job_id)
     )
+    etag = job_service.job_etag(public)
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if job_service.etag_matches(if_none_match, etag):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    return JSONResponse(public.model_dump(mode="json"), headers=headers)
 
 
-@router.post("/{job_id}/cancel")
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    operation_id="deleteJob",
+    summary="Delete a finished job",
+    responses=problem_responses(409),
+)
+def delete_job(
+    job_id: uuid.UUID, session: SessionDep, store: StoreDep, tenant: CurrentTenant
+) -> Response:
+    """Remove a finished job's artifacts (report pictures, poisons) and keep its row as a
+    tombstone: reads of it and of its report answer 404, a repeated DELETE is 204 too.
+    Refused (409) while it is queued or running: cancel it first."""
+    job_service.delete_job(session=session, store=store, tenant=tenant, job_id=job_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.post(
+    "/{job_id}/cancel",
+    operation_id="cancelJob",
+    summary="Cancel a job",
+    responses=problem_responses(409),
+)
 def cancel_job(job_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -> JobPublic:
+    """A queued job is cancelled at once; a running one stops at its next progress step; a
+    finished one is 409, and so is a dataset job (delete its dataset instead)."""
     return job_service.job_public(
         job_service.cancel_job(session=session, tenant=tenant, job_id=job_id)
     )
 
 
-@router.get("/{job_id}/report")
+@router.get(
+    "/{job_id}/report",
+    operation_id="getReport",
+    summary="Read an audit's signed report",
+    responses=problem_responses(409),
+)
 def get_report(
     job_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant, key: SigningKeyDep
 ) -> ReportPublic:

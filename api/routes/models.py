@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import PurePosixPath
-from typing import Annotated
+from typing import Annotated, Any
 from urllib.parse import quote
 
 from fastapi import APIRouter, Query, Request, Response, status
@@ -12,10 +12,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from api.deps import CeleryDep, CurrentTenant, SessionDep, SettingsDep, StoreDep
-from api.schemas import ModelPublic, ModelsPage
+from api.errors import problem_responses
+from api.schemas import JobPublic, ModelPublic, ModelsPage
 from api.services import badges as badge_service
 from api.services import jobs as job_service
 from api.services import models as model_service
+from api.services.jobs import SortOrder
 from api.uploads import receive_upload
 from catalog import ARCHS
 from common.models import Job
@@ -70,11 +72,35 @@ UPLOAD_FORM = {
 }
 
 
+def location(url: str) -> dict[str, dict[str, Any]]:
+    return {"Location": {"description": url, "schema": {"type": "string"}}}
+
+
 @router.post(
-    "", status_code=status.HTTP_201_CREATED, response_model=ModelPublic, openapi_extra=UPLOAD_FORM
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=ModelPublic,
+    openapi_extra=UPLOAD_FORM,
+    operation_id="uploadModel",
+    summary="Upload an extractor",
+    responses={
+        201: {
+            "description": "A safetensors file, checked: the model",
+            "headers": location("the model's URL"),
+        },
+        202: {
+            "model": JobPublic,
+            "description": "A torch.save state dict, a torch.export program or an ONNX graph: "
+            "the import job that converts or checks it (its result_model_id names the model "
+            "once it succeeds)",
+            "headers": location("the import job's URL"),
+        },
+        **problem_responses(413, 415, 422),
+    },
 )
 async def upload_model(
     request: Request,
+    response: Response,
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
@@ -112,19 +138,40 @@ async def upload_model(
         return JSONResponse(
             status_code=status.HTTP_202_ACCEPTED,
             content=job_service.job_public(registered).model_dump(mode="json"),
+            headers={"Location": f"/v1/jobs/{registered.id}"},
         )
+    response.headers["Location"] = f"/v1/models/{registered.id}"
     return model_service.model_public(registered)
 
 
-@router.get("")
+@router.get("", operation_id="listModels", summary="List models")
 def list_models(
     session: SessionDep,
     tenant: CurrentTenant,
+    sha256: Annotated[
+        str | None,
+        Query(
+            pattern="^[0-9a-fA-F]{64}$",
+            description="only models whose file has this sha256 (hex)",
+        ),
+    ] = None,
+    name: Annotated[
+        str | None, Query(min_length=1, max_length=200, description="only models of this name")
+    ] = None,
+    order: Annotated[
+        SortOrder, Query(description="by creation time: desc (newest first, the default) or asc")
+    ] = "desc",
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> ModelsPage:
     models, total = model_service.list_models(
-        session=session, tenant=tenant, limit=limit, offset=offset
+        session=session,
+        tenant=tenant,
+        sha256=sha256,
+        name=name,
+        order=order,
+        limit=limit,
+        offset=offset,
     )
     return ModelsPage(
         items=[model_service.model_public(m) for m in models],
@@ -134,17 +181,49 @@ def list_models(
     )
 
 
-@router.get("/{model_id}")
+@router.get("/{model_id}", operation_id="getModel", summary="Read a model")
 def get_model(model_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -> ModelPublic:
     return model_service.model_public(
         model_service.get_model(session=session, tenant=tenant, model_id=model_id)
     )
 
 
+@router.delete(
+    "/{model_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    operation_id="deleteModel",
+    summary="Delete a model",
+    responses=problem_responses(409),
+)
+def delete_model(
+    model_id: uuid.UUID, session: SessionDep, store: StoreDep, tenant: CurrentTenant
+) -> Response:
+    """Remove the model's files and keep its row as a tombstone: reads answer 404, a repeated
+    DELETE is 204 too. Refused (409) while a queued or running job reads it (``job_ids``
+    lists them). Finished jobs and their reports keep naming its id."""
+    model_service.delete_model(session=session, store=store, tenant=tenant, model_id=model_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
 @router.get(
     "/{model_id}/weights",
     response_class=StreamingResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}},
+    operation_id="getModelWeights",
+    summary="Download a model's weights",
+    responses={
+        200: {
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+            "headers": {
+                "X-Content-SHA256": {
+                    "description": "sha256 of the file, hex",
+                    "schema": {"type": "string"},
+                },
+                "Content-Length": {"description": "bytes", "schema": {"type": "integer"}},
+            },
+        }
+    },
 )
 def download_weights(
     model_id: uuid.UUID, session: SessionDep, store: StoreDep, tenant: CurrentTenant
@@ -183,6 +262,8 @@ class MarkdownResponse(PlainTextResponse):
 @router.get(
     "/{model_id}/card",
     response_class=MarkdownResponse,
+    operation_id="getModelCard",
+    summary="A model's Hugging Face model card (markdown)",
     responses={
         200: {
             "description": "A Hugging Face model card: YAML front matter and markdown",
@@ -201,7 +282,9 @@ def model_card(model_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) 
 @router.get(
     "/{model_id}/badge.svg",
     response_class=Response,
-    responses={200: {"content": {"image/svg+xml": {}}}},
+    operation_id="getModelBadge",
+    summary="A model's verdict badge (SVG)",
+    responses={200: {"content": {"image/svg+xml": {"schema": {"type": "string"}}}}},
 )
 def verdict_badge(model_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -> Response:
     """A shields-style badge of the verdict of the model's newest audit that has one:

@@ -8,6 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Path, Query, Response, status
 
 from api.deps import CurrentTenant, SessionDep
+from api.errors import problem_responses
 from api.services import policies as policy_service
 from api.services.policies import PolicyInForce, PolicyVersionPublic, PolicyVersionsPage
 from catalog.policy import Policy
@@ -15,7 +16,21 @@ from catalog.policy import Policy
 router = APIRouter(prefix="/v1/policy", tags=["policy"])
 
 
-@router.put("", status_code=status.HTTP_201_CREATED)
+@router.put(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    operation_id="putPolicy",
+    summary="Store a new version of the policy",
+    responses={
+        201: {
+            "description": "The stored version",
+            "headers": {
+                "Location": {"description": "the version's URL", "schema": {"type": "string"}}
+            },
+        },
+        **problem_responses(409),
+    },
+)
 def put_policy(
     policy: Policy, response: Response, session: SessionDep, tenant: CurrentTenant
 ) -> PolicyVersionPublic:
@@ -27,14 +42,14 @@ def put_policy(
     return policy_service.version_public(row)
 
 
-@router.get("")
+@router.get("", operation_id="getPolicy", summary="Read the policy in force")
 def get_policy(session: SessionDep, tenant: CurrentTenant) -> PolicyInForce:
     """The policy in force: the newest stored version, or Bulwark's default policy
     (``version`` null, ``default`` true) while the tenant has stored none."""
     return policy_service.policy_in_force(session=session, tenant=tenant)
 
 
-@router.get("/versions")
+@router.get("/versions", operation_id="listPolicyVersions", summary="List the policy's versions")
 def list_policy_versions(
     session: SessionDep,
     tenant: CurrentTenant,
@@ -53,7 +68,7 @@ def list_policy_versions(
     )
 
 
-@router.get("/versions/{version}")
+@router.get("/versions/{version}", operation_id="getPolicyVersion", summary="Read a policy version")
 def get_policy_version(
     version: Annotated[int, Path(ge=1)], session: SessionDep, tenant: CurrentTenant
 ) -> PolicyVersionPublic:

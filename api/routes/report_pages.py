@@ -9,12 +9,23 @@ from fastapi import APIRouter, Response
 from fastapi.responses import HTMLResponse
 
 from api.deps import CurrentTenant, SessionDep, StoreDep
+from api.errors import problem_response_spec, problem_responses
 from api.services import pages
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
+TEXT = {"schema": {"type": "string"}}
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+UNFINISHED = problem_responses(409)  # the audit has no report yet
 
-@router.get("/{job_id}/report.html", response_class=HTMLResponse)
+
+@router.get(
+    "/{job_id}/report.html",
+    response_class=HTMLResponse,
+    operation_id="getReportPage",
+    summary="An audit's report as an HTML page",
+    responses={200: {"content": {"text/html": TEXT}}, **UNFINISHED},
+)
 def report_page(
     job_id: uuid.UUID, session: SessionDep, store: StoreDep, tenant: CurrentTenant
 ) -> HTMLResponse:
@@ -27,7 +38,9 @@ def report_page(
 @router.get(
     "/{job_id}/pictures/asr.svg",
     response_class=Response,
-    responses={200: {"content": {"image/svg+xml": {}}}},
+    operation_id="getAsrChart",
+    summary="An audit's ASR chart (SVG)",
+    responses={200: {"content": {"image/svg+xml": TEXT}}, **UNFINISHED},
 )
 def asr_chart(job_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -> Response:
     """One bar per attack with its 95% Wilson interval, the baseline rate as a marker."""
@@ -38,9 +51,15 @@ def asr_chart(job_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -> 
 @router.get(
     "/{job_id}/pictures/budget.svg",
     response_class=Response,
+    operation_id="getBudgetChart",
+    summary="An audit's budget curve (SVG)",
     responses={
-        200: {"content": {"image/svg+xml": {}}},
-        404: {"description": "no such audit for this tenant, or the audit has no budget curve"},
+        200: {"content": {"image/svg+xml": TEXT}},
+        404: {
+            **problem_response_spec(404),
+            "description": "no such audit for this tenant, or the audit has no budget curve",
+        },
+        **UNFINISHED,
     },
 )
 def budget_chart(job_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -> Response:
@@ -53,7 +72,9 @@ def budget_chart(job_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) 
 @router.get(
     "/{job_id}/pictures/{attack}.png",
     response_class=Response,
-    responses={200: {"content": {"image/png": {}}}},
+    operation_id="getPoisonGrid",
+    summary="An attack's poison grid (PNG)",
+    responses={200: {"content": {"image/png": BINARY}}, **UNFINISHED},
 )
 def poison_grid(
     job_id: uuid.UUID, attack: str, session: SessionDep, store: StoreDep, tenant: CurrentTenant

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Query, Response, status
 from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep
+from api.errors import problem_responses
 from api.schemas import UTCDateTime
 from api.services import webhooks as webhook_service
 from common.models import Webhook
@@ -87,9 +88,27 @@ def webhook_public(webhook: Webhook) -> WebhookPublic:
     return WebhookPublic.model_validate(webhook)
 
 
-@router.post("", status_code=status.HTTP_201_CREATED)
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    operation_id="createWebhook",
+    summary="Register a webhook endpoint",
+    responses={
+        201: {
+            "description": "The endpoint, with its secret (shown only here)",
+            "headers": {
+                "Location": {"description": "the webhook's URL", "schema": {"type": "string"}}
+            },
+        },
+        **problem_responses(409),
+    },
+)
 def create_webhook(
-    body: WebhookCreate, session: SessionDep, settings: SettingsDep, tenant: CurrentTenant
+    body: WebhookCreate,
+    response: Response,
+    session: SessionDep,
+    settings: SettingsDep,
+    tenant: CurrentTenant,
 ) -> WebhookCreated:
     """Register an endpoint: 201 with its ``secret``, the only time the secret is shown.
 
@@ -102,10 +121,11 @@ def create_webhook(
         url=body.url,
         events=list(body.events) if body.events is not None else None,
     )
+    response.headers["Location"] = f"/v1/webhooks/{webhook.id}"
     return WebhookCreated.model_validate(webhook)
 
 
-@router.get("")
+@router.get("", operation_id="listWebhooks", summary="List webhook endpoints")
 def list_webhooks(
     session: SessionDep,
     tenant: CurrentTenant,
@@ -120,14 +140,19 @@ def list_webhooks(
     )
 
 
-@router.get("/{webhook_id}")
+@router.get("/{webhook_id}", operation_id="getWebhook", summary="Read a webhook endpoint")
 def get_webhook(webhook_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -> WebhookPublic:
     return webhook_public(
         webhook_service.get_webhook(session=session, tenant=tenant, webhook_id=webhook_id)
     )
 
 
-@router.delete("/{webhook_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete(
+    "/{webhook_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    operation_id="deleteWebhook",
+    summary="Delete a webhook endpoint",
+)
 def delete_webhook(webhook_id: uuid.UUID, session: SessionDep, tenant: CurrentTenant) -> Response:
     """Stop sending to the endpoint: its pending deliveries end ``failed``; a repeated DELETE
     is 204 too."""
@@ -135,7 +160,11 @@ def delete_webhook(webhook_id: uuid.UUID, session: SessionDep, tenant: CurrentTe
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.get("/{webhook_id}/deliveries")
+@router.get(
+    "/{webhook_id}/deliveries",
+    operation_id="listWebhookDeliveries",
+    summary="A webhook endpoint's delivery log",
+)
 def list_deliveries(
     webhook_id: uuid.UUID,
     session: SessionDep,

@@ -8,17 +8,18 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.services.models import get_model
-from common.models import Report, Tenant
+from common.models import Job, Report, Tenant
 from core.badge import verdict_badge_svg
 
 
 def newest_outcome(*, session: Session, model_id: uuid.UUID) -> str | None:
-    """The verdict outcome of the model's newest report that has one, or None. Only the
-    outcome is read from the database, not the report bodies."""
+    """The verdict outcome of the model's newest report that has one (of a job not deleted),
+    or None. Only the outcome is read from the database, not the report bodies."""
     outcome = Report.body[("verdict", "outcome")].as_string()
     return session.scalar(
         select(outcome)
-        .where(Report.model_id == model_id, outcome.is_not(None))
+        .join(Job, Job.id == Report.job_id)
+        .where(Report.model_id == model_id, outcome.is_not(None), Job.deleted_at.is_(None))
         .order_by(Report.created_at.desc())
         .limit(1)
     )

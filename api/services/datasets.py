@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from api.errors import BrokerUnavailableError, ConflictError, InvalidFieldError, NotFoundError
 from api.schemas import DatasetPublic
 from api.services import jobs as job_service
+from api.services.jobs import SortOrder
 from api.uploads import ReceivedUpload
 from catalog import DATASET_FORMATS, infer_format
 from common.artifacts import ArtifactStore, dataset_data_key, dataset_upload_key
@@ -160,16 +161,16 @@ def get_dataset(*, session: Session, tenant: Tenant, dataset_id: uuid.UUID) -> T
 
 
 def list_datasets(
-    *, session: Session, tenant: Tenant, limit: int, offset: int
+    *, session: Session, tenant: Tenant, limit: int, offset: int, order: SortOrder = "desc"
 ) -> tuple[list[TenantDataset], int]:
+    """The tenant's datasets, newest first (``order="asc"``: oldest first)."""
     query = select(TenantDataset).where(
         TenantDataset.tenant_id == tenant.id, TenantDataset.deleted_at.is_(None)
     )
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    created = TenantDataset.created_at.asc() if order == "asc" else TenantDataset.created_at.desc()
     datasets = session.scalars(
-        query.order_by(TenantDataset.created_at.desc(), TenantDataset.id)
-        .limit(limit)
-        .offset(offset)
+        query.order_by(created, TenantDataset.id).limit(limit).offset(offset)
     ).all()
     return list(datasets), total
 

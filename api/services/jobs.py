@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import uuid
-from typing import Any
+from typing import Any, Literal
 
 from celery import Celery
 from sqlalchemy import func, select, update
@@ -14,6 +16,7 @@ from sqlalchemy.orm import Session
 from api.errors import BrokerUnavailableError, ConflictError, InvalidFieldError, NotFoundError
 from api.schemas import JobPublic
 from catalog import DATASETS, JOB_KINDS, SplitConfig
+from common.artifacts import ArtifactStore, import_upload_key
 from common.db import rows_matched
 from common.models import (
     DatasetStatus,
@@ -40,6 +43,8 @@ from common.specs import (
 from common.webhooks import record_job_event
 
 logger = logging.getLogger(__name__)
+
+SortOrder = Literal["asc", "desc"]  # by created_at
 
 
 def job_public(job: Job) -> JobPublic:
@@ -90,11 +95,13 @@ def submit_audit(
     idempotency_key: str | None,
 ) -> Job:
     """Check the audit against its model and the core's config, every problem in one 422."""
-    model = session.get(StoredModel, spec.model_id)
-    if model is None or model.tenant_id != tenant.id:
+    # Locked (shared) until the job row is committed, so a concurrent DELETE of the model
+    # either sees this job and refuses, or deletes first and this answers 404.
+    model = session.get(StoredModel, spec.model_id, with_for_update={"read": True})
+    if model is None or model.tenant_id != tenant.id or model.deleted_at is not None:
         valid = session.scalars(
             select(StoredModel.id)
-            .where(StoredModel.tenant_id == tenant.id)
+            .where(StoredModel.tenant_id == tenant.id, StoredModel.deleted_at.is_(None))
             .order_by(StoredModel.created_at.desc())
             .limit(50)
         ).all()
@@ -145,9 +152,9 @@ def _reference_errors(
     images (the audit runs the same instances through both)."""
     if not isinstance(spec.reference, uuid.UUID):
         return []
-    reference = session.get(StoredModel, spec.reference)
+    reference = session.get(StoredModel, spec.reference, with_for_update={"read": True})
     loc = ("body", "reference")
-    if reference is None or reference.tenant_id != tenant.id:
+    if reference is None or reference.tenant_id != tenant.id or reference.deleted_at is not None:
         return [{"loc": loc, "msg": f"no model {spec.reference} of yours to use as the reference"}]
     if reference.id == model.id:
         return [{"loc": loc, "msg": "the reference must be another model than the audited one"}]
@@ -206,7 +213,7 @@ def tenant_dataset(session: Session, tenant: Tenant, dataset_id: uuid.UUID) -> T
         raise ConflictError(
             f"dataset {dataset.id} is {dataset.status.value}; only a ready dataset can be used",
             loc=["body", "dataset_id"],
-            status=dataset.status.value,
+            dataset_status=dataset.status.value,
             error=dataset.error,
         )
     return dataset
@@ -383,7 +390,12 @@ def _submit(
 
 
 def enqueue(*, session: Session, celery: Celery, settings: Settings, job: Job) -> None:
-    """Send the job's task; if the broker cannot take it, the job fails with the reason."""
+    """Send the job's task; if the broker cannot take it, the job fails with the reason (so
+    no row waits queued for a message that was never sent) and the answer is a 503.
+
+    The failed job gives up its ``Idempotency-Key``: the client's retry of the same request
+    with the same key, once the queue is back, submits it anew instead of finding this job.
+    """
     try:
         celery.send_task(
             task_name(job.kind), args=[str(job.id)], task_id=str(job.id), queue=settings.queue
@@ -393,6 +405,7 @@ def enqueue(*, session: Session, celery: Celery, settings: Settings, job: Job) -
         job.status = JobStatus.FAILED
         job.error = f"the job queue is unreachable ({error}); submit again later"
         job.finished_at = utcnow()
+        job.idempotency_key = None
         record_job_event(session, job.id)
         session.commit()
         raise BrokerUnavailableError(f"the job queue is unreachable: {error}") from error
@@ -412,10 +425,26 @@ def _same_request_or_conflict(job: Job, kind: str, spec: dict[str, Any]) -> Job:
 
 
 def get_job(*, session: Session, tenant: Tenant, job_id: uuid.UUID) -> Job:
+    """The tenant's job; a deleted one, another tenant's or a missing one is a 404."""
     job = session.get(Job, job_id)
-    if job is None or job.tenant_id != tenant.id:
+    if job is None or job.tenant_id != tenant.id or job.deleted_at is not None:
         raise NotFoundError(f"no job {job_id}")
     return job
+
+
+def job_etag(public: JobPublic) -> str:
+    """A strong ETag of the job as served: the sha256 of its public JSON, keys sorted."""
+    text = json.dumps(public.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return '"' + hashlib.sha256(text.encode()).hexdigest()[:32] + '"'
+
+
+def etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Whether an ``If-None-Match`` header names ``etag`` (or ``*``); weak comparison, as RFC
+    9110 asks for If-None-Match."""
+    if not if_none_match:
+        return False
+    tags = [tag.strip() for tag in if_none_match.split(",")]
+    return "*" in tags or etag in [tag.removeprefix("W/") for tag in tags]
 
 
 def list_jobs(
@@ -426,17 +455,63 @@ def list_jobs(
     status: JobStatus | None,
     limit: int,
     offset: int,
+    verdict: str | None = None,
+    order: SortOrder = "desc",
 ) -> tuple[list[Job], int]:
-    query = select(Job).where(Job.tenant_id == tenant.id)
+    """The tenant's jobs, newest first (``order="asc"``: oldest first); ``verdict`` keeps the
+    audits whose report's policy verdict has that outcome."""
+    query = select(Job).where(Job.tenant_id == tenant.id, Job.deleted_at.is_(None))
     if kind is not None:
         query = query.where(Job.kind == kind)
     if status is not None:
         query = query.where(Job.status == status)
+    if verdict is not None:
+        outcome = Report.body[("verdict", "outcome")].as_string()
+        query = query.where(
+            Job.id.in_(
+                select(Report.job_id).where(Report.tenant_id == tenant.id, outcome == verdict)
+            )
+        )
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    jobs = session.scalars(
-        query.order_by(Job.created_at.desc(), Job.id).limit(limit).offset(offset)
-    ).all()
+    created = Job.created_at.asc() if order == "asc" else Job.created_at.desc()
+    jobs = session.scalars(query.order_by(created, Job.id).limit(limit).offset(offset)).all()
     return list(jobs), total
+
+
+def delete_job(
+    *, session: Session, store: ArtifactStore, tenant: Tenant, job_id: uuid.UUID
+) -> None:
+    """Remove a finished job's artifacts (its report's stored pictures, a left-over upload)
+    and tombstone its row; deleting it again changes nothing.
+
+    Refused (409) while the job is queued or running: cancel it first. The report row stays
+    with the job's tombstone (reads of it answer 404 with the job's) and no longer counts on
+    its model's card or badge. A model the job produced is a resource of its own, kept.
+    """
+    job = session.get(Job, job_id, with_for_update=True)
+    if job is None or job.tenant_id != tenant.id:
+        raise NotFoundError(f"no job {job_id}")
+    if job.deleted_at is not None:
+        return
+    if not job.status.finished:
+        session.rollback()
+        raise ConflictError(
+            f"job {job.id} is {job.status.value}; only a finished job can be deleted "
+            "(cancel it first: POST /v1/jobs/{id}/cancel)",
+            job_status=job.status.value,
+        )
+    report = session.scalar(select(Report).where(Report.job_id == job.id))
+    # Only keys under the job's own prefix: a report names shared artifacts too (a cached
+    # reference's files, under references/), which other audits still read.
+    keys = [
+        key
+        for key in (report.body.get("stored_artifacts", []) if report is not None else [])
+        if isinstance(key, str) and key.startswith(f"reports/{job.id}/")
+    ]
+    job.deleted_at = utcnow()
+    session.commit()
+    for key in [*keys, import_upload_key(job.id)]:
+        store.delete(key)
 
 
 def cancel_job(*, session: Session, tenant: Tenant, job_id: uuid.UUID) -> Job:
@@ -501,7 +576,7 @@ def get_report(*, session: Session, tenant: Tenant, job_id: uuid.UUID) -> Report
     if report is None:
         raise ConflictError(
             f"job {job.id} is {job.status.value}; the report exists once it succeeded",
-            status=job.status.value,
+            job_status=job.status.value,
             error=job.error,
         )
     return report

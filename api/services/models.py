@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from api import yaml_text
 from api.errors import (
+    ConflictError,
     InvalidFieldError,
     NotFoundError,
     UnsupportedUploadError,
@@ -35,10 +36,17 @@ from api.safetensors_check import (
 )
 from api.schemas import ModelPublic
 from api.services import jobs as job_service
+from api.services.jobs import SortOrder
 from api.uploads import ReceivedUpload
 from catalog import ARCHS
-from common.artifacts import ArtifactStore, import_upload_key, model_weights_key
-from common.models import Job, ModelSource, Report, StoredModel, Tenant
+from common.artifacts import (
+    ArtifactStore,
+    import_upload_key,
+    model_manifest_key,
+    model_program_key,
+    model_weights_key,
+)
+from common.models import Job, JobStatus, ModelSource, Report, StoredModel, Tenant, utcnow
 from common.settings import Settings
 from common.specs import ImportJobSpec
 from core.archives import ArchiveError, ArchiveLimits, inspect_archive
@@ -410,21 +418,77 @@ def _float_list(fields: dict[str, str], name: str) -> list[float] | None:
 
 
 def get_model(*, session: Session, tenant: Tenant, model_id: uuid.UUID) -> StoredModel:
+    """The tenant's model; a deleted one, another tenant's or a missing one is a 404."""
     model = session.get(StoredModel, model_id)
-    if model is None or model.tenant_id != tenant.id:
+    if model is None or model.tenant_id != tenant.id or model.deleted_at is not None:
         raise NotFoundError(f"no model {model_id}")
     return model
 
 
 def list_models(
-    *, session: Session, tenant: Tenant, limit: int, offset: int
+    *,
+    session: Session,
+    tenant: Tenant,
+    limit: int,
+    offset: int,
+    sha256: str | None = None,
+    name: str | None = None,
+    order: SortOrder = "desc",
 ) -> tuple[list[StoredModel], int]:
-    query = select(StoredModel).where(StoredModel.tenant_id == tenant.id)
+    """The tenant's models, newest first (``order="asc"``: oldest first), optionally only
+    those with this ``sha256`` (of the file as uploaded or produced) or this exact ``name``."""
+    query = select(StoredModel).where(
+        StoredModel.tenant_id == tenant.id, StoredModel.deleted_at.is_(None)
+    )
+    if sha256 is not None:
+        query = query.where(StoredModel.sha256 == sha256.lower())
+    if name is not None:
+        query = query.where(StoredModel.name == name)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    created = StoredModel.created_at.asc() if order == "asc" else StoredModel.created_at.desc()
     models = session.scalars(
-        query.order_by(StoredModel.created_at.desc(), StoredModel.id).limit(limit).offset(offset)
+        query.order_by(created, StoredModel.id).limit(limit).offset(offset)
     ).all()
     return list(models), total
+
+
+def delete_model(
+    *, session: Session, store: ArtifactStore, tenant: Tenant, model_id: uuid.UUID
+) -> None:
+    """Remove the model's files (weights or program, manifest) and tombstone its row;
+    deleting it again changes nothing.
+
+    Refused (409) while a queued or running job reads it (an audit of it, or one that names
+    it as the reference). Finished jobs and reports keep naming its id.
+    """
+    model = session.get(StoredModel, model_id, with_for_update=True)
+    if model is None or model.tenant_id != tenant.id:
+        raise NotFoundError(f"no model {model_id}")
+    if model.deleted_at is not None:
+        return
+    readers = session.scalars(
+        select(Job.id).where(
+            Job.tenant_id == tenant.id,
+            Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)),
+            (Job.model_id == model.id) | (Job.spec["reference"].as_string() == str(model.id)),
+        )
+    ).all()
+    if readers:
+        session.rollback()
+        raise ConflictError(
+            f"model {model.id} is read by {len(readers)} queued or running job(s); cancel "
+            "them or wait until they finish",
+            job_ids=[str(job_id) for job_id in readers],
+        )
+    model.deleted_at = utcnow()
+    session.commit()
+    for key in {
+        model.weights_key,
+        model_weights_key(model.id),
+        model_program_key(model.id),
+        model_manifest_key(model.id),
+    }:
+        store.delete(key)
 
 
 WEIGHTS_CHUNK_BYTES = 1 << 20
@@ -470,7 +534,10 @@ def model_card(*, session: Session, model: StoredModel) -> str:
     reports = [
         (row, read_report(row.body))
         for row in session.scalars(
-            select(Report).where(Report.model_id == model.id).order_by(Report.created_at)
+            select(Report)
+            .join(Job, Job.id == Report.job_id)
+            .where(Report.model_id == model.id, Job.deleted_at.is_(None))
+            .order_by(Report.created_at)
         ).all()
     ]
     front = yaml_text.dump(_card_metadata(model, [r for _, r in reports]))

@@ -159,3 +159,32 @@ def add_model_row(db: Engine, tenant_id: uuid.UUID, **fields: Any) -> uuid.UUID:
         session.add(model)
         session.commit()
         return model.id
+
+
+PROBLEM_MEMBERS = ("type", "title", "status", "detail", "instance")
+
+
+def problem(response: Any, status: int | None = None) -> dict[str, Any]:
+    """The RFC 9457 problem body of an error answer, after checking its media type, its
+    standard members (``status`` equal to the HTTP status, ``instance`` the request's path)
+    and, given ``status``, the HTTP status itself."""
+    if status is not None:
+        assert response.status_code == status, (response.status_code, response.text)
+    media_type = response.headers.get("content-type", "").split(";")[0]
+    assert media_type == "application/problem+json", (media_type, response.text)
+    body = response.json()
+    missing = [member for member in PROBLEM_MEMBERS if member not in body]
+    assert not missing, (missing, body)
+    assert body["status"] == response.status_code, body
+    assert body["instance"] == response.request.url.path, body
+    assert body["type"] == "about:blank" or body["type"].startswith(
+        "https://bulwark.dev/problems/"
+    ), body
+    return body
+
+
+def problem_errors(response: Any, status: int = 422) -> list[dict[str, Any]]:
+    """The ``errors`` (each ``loc``, ``msg``, ``type``) of a validation problem."""
+    errors = problem(response, status)["errors"]
+    assert errors and all({"loc", "msg", "type"} <= set(error) for error in errors), errors
+    return errors

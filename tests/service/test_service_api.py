@@ -8,7 +8,7 @@ import uuid
 from typing import Any
 
 import pytest
-from servicekit import add_model_row
+from servicekit import add_model_row, problem, problem_errors
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -43,6 +43,7 @@ def add_model(db, tenant_id: uuid.UUID) -> uuid.UUID:  # type: ignore[no-untyped
 ROUTES = [
     ("GET", "/v1/jobs"),
     ("GET", "/v1/jobs/{job}"),
+    ("DELETE", "/v1/jobs/{job}"),
     ("POST", "/v1/jobs/{job}/cancel"),
     ("GET", "/v1/jobs/{job}/report"),
     ("GET", "/v1/jobs/{job}/report.html"),
@@ -53,6 +54,7 @@ ROUTES = [
     ("GET", "/v1/models"),
     ("POST", "/v1/models"),
     ("GET", "/v1/models/{model}"),
+    ("DELETE", "/v1/models/{model}"),
     ("GET", "/v1/models/{model}/weights"),
     ("GET", "/v1/models/{model}/card"),
     ("GET", "/v1/datasets"),
@@ -71,7 +73,7 @@ def test_every_v1_route_needs_a_valid_key(client, make_tenant, headers) -> None:
     for method, path in ROUTES:
         url = path.format(job=job, model=uuid.uuid4())
         response = client.request(method, url, headers=headers, json={})
-        assert response.status_code == 401, (method, url, response.text)
+        assert problem(response, 401)["type"].endswith("/not-authenticated"), (method, url)
         assert response.headers["WWW-Authenticate"] == "Bearer"
 
 
@@ -103,8 +105,7 @@ def test_another_tenants_resources_answer_404(client, make_tenant, clean_db) -> 
         headers=other.headers,
         json={"model_id": str(model_id), "dataset": "digits"},
     )
-    assert response.status_code == 404
-    assert response.json()["loc"] == ["body", "model_id"]
+    assert problem(response, 404)["loc"] == ["body", "model_id"]
     assert response.json()["valid_model_ids"] == []
     assert client.get("/v1/jobs", headers=other.headers).json()["total"] == 0
     assert client.get("/v1/models", headers=other.headers).json()["total"] == 0
@@ -132,7 +133,7 @@ def test_bad_fields_get_a_422_naming_them_and_nothing_is_written(
     tenant = make_tenant("a")
     response = client.post("/v1/jobs/pretrain", json=body, headers=tenant.headers)
     assert response.status_code == 422, response.text
-    error = response.json()["detail"][0]
+    error = problem_errors(response)[0]
     assert error["loc"] == loc
     assert words in error["msg"]
     assert count(clean_db, Job) == 0
@@ -154,7 +155,7 @@ def test_audit_fields_are_checked_against_the_model(client, make_tenant, clean_d
             "/v1/jobs/audit", headers=tenant.headers, json={"model_id": model_id, **extra}
         )
         assert response.status_code == 422, (extra, response.text)
-        assert response.json()["detail"][0]["loc"] == loc, response.json()
+        assert problem_errors(response)[0]["loc"] == loc, response.json()
     assert count(clean_db, Job) == 0
 
 
@@ -198,7 +199,7 @@ def test_cancel_a_queued_job_at_once(client, make_tenant) -> None:
     assert response.status_code == 200
     assert response.json()["status"] == "cancelled" and response.json()["finished_at"]
     again = client.post(f"/v1/jobs/{job['id']}/cancel", headers=tenant.headers)
-    assert again.status_code == 409 and "cancelled" in again.json()["detail"]
+    assert again.status_code == 409 and "cancelled" in problem(again)["detail"]
 
 
 def test_cancel_a_running_job_flags_it(client, make_tenant, clean_db) -> None:
@@ -218,7 +219,7 @@ def test_report_of_an_unfinished_audit_is_409(client, make_tenant, clean_db) -> 
         "/v1/jobs/audit", headers=tenant.headers, json={"model_id": model_id, "dataset": "digits"}
     ).json()
     response = client.get(f"/v1/jobs/{job['id']}/report", headers=tenant.headers)
-    assert response.status_code == 409 and response.json()["status"] == "queued"
+    assert problem(response, 409)["job_status"] == "queued"
     pretrain = client.post("/v1/jobs/pretrain", json=PRETRAIN, headers=tenant.headers).json()
     assert (
         client.get(f"/v1/jobs/{pretrain['id']}/report", headers=tenant.headers).status_code == 404
@@ -248,12 +249,12 @@ def test_list_jobs_paginates_and_filters(client, make_tenant, clean_db) -> None:
     cancelled = client.get("/v1/jobs?status=cancelled", headers=tenant.headers).json()
     assert [j["id"] for j in cancelled["items"]] == [ids[0]]
     bad = client.get("/v1/jobs?status=sleeping", headers=tenant.headers)
-    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["query", "status"]
+    assert bad.status_code == 422 and problem_errors(bad)[0]["loc"] == ["query", "status"]
     assert client.get("/v1/jobs?limit=0", headers=tenant.headers).status_code == 422
     # Kinds come from the catalog: an unknown one is a 422 listing the valid ones.
     bad = client.get("/v1/jobs?kind=sleep", headers=tenant.headers)
-    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["query", "kind"]
-    assert "pretrain, audit, import" in bad.json()["detail"][0]["msg"]
+    assert bad.status_code == 422 and problem_errors(bad)[0]["loc"] == ["query", "kind"]
+    assert "pretrain, audit, import" in problem_errors(bad)[0]["msg"]
     assert client.get("/v1/jobs?kind=import", headers=tenant.headers).json()["total"] == 0
 
 
@@ -274,8 +275,8 @@ def test_readiness_fails_when_the_database_is_unreachable(settings) -> None:
     )
     with TestClient(create_app(broken)) as client:
         response = client.get("/readyz")
-    assert response.status_code == 503
-    assert response.json()["checks"]["database"].startswith("unavailable")
+    assert problem(response, 503)["checks"]["database"].startswith("unavailable")
+    assert response.headers["Retry-After"]
     assert response.json()["checks"]["broker"] == "ok"
 
 
@@ -288,10 +289,42 @@ def test_an_unreachable_broker_is_a_503_and_the_job_says_why(settings, make_tena
     broken = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
     with TestClient(create_app(broken)) as client:
         response = client.post("/v1/jobs/pretrain", json=PRETRAIN, headers=tenant.headers)
-        assert response.status_code == 503, response.text
-        assert "queue is unreachable" in response.json()["detail"]
+        assert "queue is unreachable" in problem(response, 503)["detail"]
+        assert int(response.headers["Retry-After"]) > 0
         jobs = client.get("/v1/jobs", headers=tenant.headers).json()["items"]
     assert [(j["status"], "submit again" in j["error"]) for j in jobs] == [("failed", True)]
+
+
+def test_a_retry_with_the_same_idempotency_key_after_a_broker_outage_submits_anew(
+    settings, make_tenant, clean_db, clean_redis
+) -> None:
+    """The job whose message could not be sent fails and gives up its key: the client's retry
+    (same request, same key) once the broker is back is a new, queued job, not the failed
+    one."""
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    tenant = make_tenant("a")
+    headers = {**tenant.headers, "Idempotency-Key": "retry-me"}
+    broken = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+    with TestClient(create_app(broken)) as client:
+        refused = client.post("/v1/jobs/pretrain", json=PRETRAIN, headers=headers)
+    problem(refused, 503)
+    with TestClient(create_app(settings)) as client:
+        retried = client.post("/v1/jobs/pretrain", json=PRETRAIN, headers=headers)
+        assert retried.status_code == 202, retried.text
+        again = client.post("/v1/jobs/pretrain", json=PRETRAIN, headers=headers)
+    assert again.json()["id"] == retried.json()["id"]
+    assert retried.json()["status"] == "queued"
+    assert queued_task_ids(clean_redis) == [retried.json()["id"]]
+    statuses = sorted(status for (status,) in _job_statuses(clean_db))
+    assert statuses == ["failed", "queued"]
+
+
+def _job_statuses(db) -> list[tuple[str]]:  # type: ignore[no-untyped-def]
+    with Session(db) as session:
+        return [(job.status.value,) for job in session.scalars(select(Job)).all()]
 
 
 def test_openapi_documents_the_routes(client) -> None:
@@ -349,7 +382,7 @@ def test_every_bad_field_is_named_in_one_422(client, make_tenant, clean_db, clea
         json={**PRETRAIN, "overrides": {"lr": -1, "epsilon": 3}},
     )
     assert response.status_code == 422, response.text
-    locs = [error["loc"] for error in response.json()["detail"]]
+    locs = [error["loc"] for error in problem_errors(response)]
     assert locs == [["body", "overrides", "lr"], ["body", "overrides", "epsilon"]]
     model_id = str(add_model(clean_db, tenant.id))
     response = client.post(
@@ -363,7 +396,7 @@ def test_every_bad_field_is_named_in_one_422(client, make_tenant, clean_db, clea
         },
     )
     assert response.status_code == 422, response.text
-    detail = response.json()["detail"]
+    detail = problem_errors(response)
     assert [error["loc"] for error in detail] == [
         ["body", "pairs", 0],
         ["body", "pairs", 1],

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from servicekit import add_model_row, wait_for
+from servicekit import add_model_row, problem, problem_errors, wait_for
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -226,7 +226,7 @@ def test_list_get_delete_and_another_tenant_gets_404(client, make_tenant, clean_
     assert client.get("/v1/datasets", headers=other.headers).json()["total"] == 0
     # The import job is stopped by deleting the dataset, not by cancelling the job.
     cancel = client.post(f"/v1/jobs/{dataset['job_id']}/cancel", headers=owner.headers)
-    assert cancel.status_code == 409 and "DELETE /v1/datasets" in cancel.json()["detail"]
+    assert cancel.status_code == 409 and "DELETE /v1/datasets" in problem(cancel)["detail"]
     assert len(stored_files(settings)) == 1  # the upload, waiting for its worker
     assert client.delete(path, headers=owner.headers).status_code == 204
     assert client.get(path, headers=owner.headers).status_code == 404
@@ -248,7 +248,7 @@ def test_the_format_comes_from_the_form_or_the_file_name(client, make_tenant, cl
     for form, words in (({}, "does not say"), ({"format": "parquet"}, "valid dataset formats")):
         response = upload(client, tenant, image_folder_zip(), filename="pets", **form)
         assert response.status_code == 422, response.text
-        error = response.json()["detail"][0]
+        error = problem_errors(response)[0]
         assert error["loc"] == ["body", "format"] and words in error["msg"], error
     assert rows(clean_db, TenantDataset) == 2
 
@@ -306,7 +306,7 @@ def test_a_malicious_or_malformed_container_is_a_422_leaving_nothing(
 ) -> None:
     response = upload(client, make_tenant("eve"), data, filename=filename)
     assert response.status_code == 422, response.text
-    error = response.json()["detail"][0]
+    error = problem_errors(response)[0]
     assert error["loc"] == ["body", "file"] and words in error["msg"], error
     assert rows(clean_db, TenantDataset) == 0 and rows(clean_db, Job) == 0
     assert stored_files(settings) == []
@@ -350,7 +350,7 @@ def test_dataset_and_dataset_id_together_or_neither_is_a_422(client, make_tenant
         for extra in ({"dataset": "digits", "dataset_id": dataset_id}, {}):
             response = client.post(path, headers=tenant.headers, json={**body, **extra})
             assert response.status_code == 422, response.text
-            error = response.json()["detail"][0]
+            error = problem_errors(response)[0]
             assert "dataset" in error["msg"] and "dataset_id" in error["msg"], error
     assert rows(clean_db, Job) == 0
 
@@ -402,7 +402,7 @@ def test_an_audit_by_dataset_id_is_checked_against_the_datasets_facts(
     ]
     for response, loc, words in cases:
         assert response.status_code == 422, response.text
-        error = response.json()["detail"][0]
+        error = problem_errors(response)[0]
         assert error["loc"] == loc and words in error["msg"], error
     assert rows(clean_db, Job) == 0
 
@@ -435,7 +435,7 @@ def test_a_dataset_that_is_not_ready_is_a_409(client, make_tenant, clean_db) -> 
             json={"model_id": model_id, "dataset_id": dataset_id},
         )
         assert response.status_code == 409, response.text
-        assert response.json()["status"] == status.value
+        assert problem(response, 409)["dataset_status"] == status.value
 
 
 def test_a_pretraining_by_dataset_id_checks_the_split(client, make_tenant, clean_db) -> None:
@@ -445,14 +445,14 @@ def test_a_pretraining_by_dataset_id_checks_the_split(client, make_tenant, clean
     # The npz entry's default split has no pre-training images: pre-training needs a split.
     audit_only = client.post("/v1/jobs/pretrain", headers=tenant.headers, json=body)
     assert audit_only.status_code == 422, audit_only.text
-    assert audit_only.json()["detail"][0]["loc"] == ["body", "overrides", "split"]
+    assert problem_errors(audit_only)[0]["loc"] == ["body", "overrides", "split"]
     short = client.post(
         "/v1/jobs/pretrain",
         headers=tenant.headers,
         json={**body, "overrides": {"split": {"pretrain": 130, "retrain": 10, "pool": 25}}},
     )
     assert short.status_code == 422, short.text
-    error = short.json()["detail"][0]
+    error = problem_errors(short)[0]
     assert error["loc"] == ["body", "overrides", "split"] and "needs 165" in error["msg"], error
     response = client.post(
         "/v1/jobs/pretrain",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from servicekit import wait_for
+from servicekit import problem, problem_errors, wait_for
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from torch import nn
@@ -219,7 +219,7 @@ def test_a_bad_zip_is_refused_before_anything_is_stored(
 ) -> None:
     response = upload(client, make_tenant("eve"), make(program))
     assert response.status_code == status, response.text
-    error = response.json()["detail"][0]
+    error = problem_errors(response)[0]
     assert error["loc"] == ["body", "file"] and words in error["msg"], error
     assert stored_files(settings) == [] and rows(clean_db, Job) == 0
 
@@ -240,7 +240,7 @@ def test_a_zip_declaring_more_than_the_upload_limit_gets_a_413(
     assert len(data) < 150_000
     response = upload(client, make_tenant("eve"), data)
     assert response.status_code == 413, response.text
-    assert "once inflated" in response.json()["detail"]
+    assert "once inflated" in problem(response)["detail"]
     assert stored_files(settings) == [] and rows(clean_db, Job) == 0
 
 

@@ -17,7 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from servicekit import wait_for
+from servicekit import problem, problem_errors, wait_for
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -112,7 +112,7 @@ def test_with_onnx_off_an_onnx_upload_is_a_415_saying_why(
     finally:
         application.state.engine.dispose()
     assert response.status_code == 415, response.text
-    detail = response.json()["detail"]
+    detail = problem(response, 415)["detail"]
     assert "its workers have no ONNX converter" in detail and "BULWARK_ONNX_ENABLED" in detail
     assert "export the model with torch.export and upload the .pt2" in detail
     assert rows(clean_db, Job) == 0 and stored_files(off) == []
@@ -163,7 +163,7 @@ def test_with_onnx_on_a_malformed_onnx_file_is_a_422_naming_the_problem(
 ) -> None:
     response = upload(client, make_tenant("a"), data)
     assert response.status_code == 422, response.text
-    (error,) = response.json()["detail"]
+    (error,) = problem_errors(response)
     assert error["loc"] == ["body", "file"], error
     assert "ONNX" in error["msg"] and words in error["msg"], error["msg"]
     assert rows(clean_db, Job) == 0 and stored_files(settings) == []
@@ -174,7 +174,7 @@ def test_with_onnx_on_a_file_named_onnx_that_is_not_one_is_a_422(
 ) -> None:
     response = upload(client, make_tenant("a"), b"PK\x03\x04" + b"\x00" * 200)
     assert response.status_code == 422, response.text
-    assert "not an ONNX model" in response.json()["detail"][0]["msg"]
+    assert "not an ONNX model" in problem_errors(response)[0]["msg"]
     assert rows(clean_db, Job) == 0 and stored_files(settings) == []
 
 

@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from servicekit import add_model_row
+from servicekit import add_model_row, problem, problem_errors
 from sqlalchemy import Engine, event, insert
 from sqlalchemy.orm import Session
 
@@ -60,7 +60,7 @@ def test_policies_are_stored_as_versions_and_the_newest_is_in_force(client, make
     assert one.json()["version"] == 1
     assert Policy.model_validate(one.json()["policy"]) == Policy.model_validate(FIRST)
     missing = client.get("/v1/policy/versions/3", headers=tenant.headers)
-    assert missing.status_code == 404 and "no policy version 3" in missing.json()["detail"]
+    assert missing.status_code == 404 and "no policy version 3" in problem(missing)["detail"]
     assert client.get("/v1/policy/versions/0", headers=tenant.headers).status_code == 422
     assert client.get("/v1/policy").status_code == 401
     assert client.put("/v1/policy", json=FIRST).status_code == 401
@@ -91,7 +91,7 @@ def test_an_invalid_policy_is_one_422_naming_every_bad_field(client, make_tenant
         },
     )
     assert response.status_code == 422, response.text
-    where = {tuple(error["loc"]) for error in response.json()["detail"]}
+    where = {tuple(error["loc"]) for error in problem_errors(response)}
     assert where == {
         ("body", "confidence"),
         ("body", "default", "max_asr"),

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from report_fixtures import full_report
-from servicekit import add_model_row
+from servicekit import add_model_row, problem
 from sqlalchemy.orm import Session
 
 from common.models import Report
@@ -161,7 +161,7 @@ def test_an_unfinished_audit_has_no_page_and_a_pretraining_job_none_at_all(
     ).json()["id"]
     for path in ("report.html", "pictures/asr.svg", "pictures/budget.svg", "pictures/fc.png"):
         queued = client.get(f"/v1/jobs/{audit}/{path}", headers=tenant.headers)
-        assert queued.status_code == 409 and queued.json()["status"] == "queued", queued.text
+        assert problem(queued, 409)["job_status"] == "queued", queued.text
         assert client.get(f"/v1/jobs/{pretrain}/{path}", headers=tenant.headers).status_code == 404
 
 

@@ -12,7 +12,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from servicekit import wait_for
+from servicekit import problem, problem_errors, wait_for
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -105,7 +105,7 @@ def test_a_bare_pickle_is_refused_and_never_runs(
     payload = pickle.dumps({"head.weight": CreatesAFile(marker)})
     response = upload(client, make_tenant("eve"), payload, filename="model.pkl")
     assert response.status_code == 415
-    assert "safetensors" in response.json()["detail"]
+    assert "safetensors" in problem(response)["detail"]
     assert not marker.exists()
     assert model_rows(clean_db) == 0 and stored_files(settings) == []
     # The payload is live: loading it the unsafe way would have created the file.
@@ -185,9 +185,9 @@ def test_a_torch_upload_with_a_bad_form_is_refused_before_anything_is_kept(
 ) -> None:
     payload = b"PK\x03\x04" + b"\0" * 100
     response = upload(client, make_tenant("hub"), payload, form=form, filename="model.pt")
-    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", field]
+    assert response.status_code == 422 and problem_errors(response)[0]["loc"] == ["body", field]
     if field == "arch":  # the catalog's message, listing the valid names
-        assert response.json()["detail"][0]["msg"] == ARCHS.unknown_message("vgg")
+        assert problem_errors(response)[0]["msg"] == ARCHS.unknown_message("vgg")
     assert model_rows(clean_db) == 0 and stored_files(settings) == []
 
 
@@ -216,7 +216,7 @@ def test_malformed_safetensors_get_a_422_on_the_file_field(
 ) -> None:
     response = upload(client, make_tenant("a"), mutate(convnet_bytes))
     assert response.status_code == 422, response.text
-    error = response.json()["detail"][0]
+    error = problem_errors(response)[0]
     assert error["loc"] == ["body", "file"] and words in error["msg"], error
     assert model_rows(clean_db) == 0 and stored_files(settings) == []
 
@@ -238,7 +238,7 @@ def test_bad_metadata_gets_a_422_naming_the_field(
 ) -> None:
     response = upload(client, make_tenant("a"), convnet_bytes, form=form)
     assert response.status_code == 422, response.text
-    assert response.json()["detail"][0]["loc"] == loc
+    assert problem_errors(response)[0]["loc"] == loc
     assert model_rows(clean_db) == 0 and stored_files(settings) == []
 
 
@@ -295,7 +295,7 @@ RESNET_FORM = {"arch": "resnet18", "input_shape": "3,32,32", "name": "r18"}
 def _refused_on_file(response, db, settings) -> list[str]:  # type: ignore[no-untyped-def]
     """The messages of a 422 whose every problem names the file; nothing may be kept."""
     assert response.status_code == 422, response.text
-    detail = response.json()["detail"]
+    detail = problem_errors(response)
     assert all(error["loc"] == ["body", "file"] for error in detail), detail
     assert model_rows(db) == 0 and stored_files(settings) == []
     return [error["msg"] for error in detail]
@@ -387,7 +387,7 @@ def test_a_resnet18_without_normalization_loads_with_the_forms_mean_and_std(
     del state["normalize.mean"], state["normalize.std"]
     tenant = make_tenant("a")
     refused = upload(client, tenant, _safetensors(state), form=RESNET_FORM)
-    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "mean"]
+    assert refused.status_code == 422 and problem_errors(refused)[0]["loc"] == ["body", "mean"]
     form = {**RESNET_FORM, "mean": "0.4,0.5,0.6", "std": "0.2,0.2,0.2"}
     response = upload(client, tenant, _safetensors(state), form=form)
     assert response.status_code == 201, response.text
@@ -427,7 +427,7 @@ def test_an_onnx_upload_gets_a_415_pointing_to_torch_export(
 ) -> None:
     response = upload(client, make_tenant("a"), _onnx_bytes(), ONNX_FORM, "model.onnx")
     assert response.status_code == 415, response.text
-    detail = response.json()["detail"]
+    detail = problem(response, 415)["detail"]
     assert "ONNX uploads are not imported" in detail
     assert "export the model with torch.export and upload the .pt2" in detail
     assert model_rows(clean_db) == 0 and stored_files(settings) == []
@@ -438,6 +438,6 @@ def test_a_file_named_onnx_that_is_not_protobuf_gets_a_422(
 ) -> None:
     response = upload(client, make_tenant("a"), convnet_bytes, ONNX_FORM, "model.onnx")
     assert response.status_code == 422, response.text
-    error = response.json()["detail"][0]
+    error = problem_errors(response)[0]
     assert error["loc"] == ["body", "file"] and "not an ONNX model" in error["msg"]
     assert model_rows(clean_db) == 0 and stored_files(settings) == []

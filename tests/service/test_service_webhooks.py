@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from servicekit import wait_for
+from servicekit import problem_errors, wait_for
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session
 
@@ -336,7 +336,7 @@ def test_bad_registrations_get_a_422_naming_the_field(
     tenant = make_tenant("a")
     response = pumpless.post("/v1/webhooks", headers=tenant.headers, json=body)
     assert response.status_code == 422, response.text
-    [error] = response.json()["detail"]
+    [error] = problem_errors(response)
     assert error["loc"] == loc and words in error["msg"], error
     assert pumpless.get("/v1/webhooks", headers=tenant.headers).json()["total"] == 0
 
@@ -353,7 +353,7 @@ def test_private_targets_are_refused_unless_allowed(
         for url in (f"{receiver.url}/x", "http://localhost:9/x", "http://169.254.169.254/"):
             response = strict_client.post("/v1/webhooks", headers=tenant.headers, json={"url": url})
             assert response.status_code == 422, response.text
-            [error] = response.json()["detail"]
+            [error] = problem_errors(response)
             assert error["loc"] == ["body", "url"] and "public addresses only" in error["msg"]
     finally:
         strict.state.engine.dispose()
