@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job end to end through the real HTTP API and a real worker on the embedded default
-# (SQLite, a filesystem broker): pre-train at-pcl, audit it with FC, CP and BP, print the table.
-demo: $(STAMP)
-	BULWARK_DATA_DIR=$(CURDIR)/runs/demo-service $(BIN)/bulwark demo
+# (SQLite, a filesystem broker): pre-train an undefended and an at-pcl ConvNet on Fashion-MNIST
+# (Debian's package, installed by `system` where it is missing), audit both on the same
+# instances, print their ASR side by side with the verdicts. `make demo DEMO=--quick`: digits.
+demo: $(STAMP) system
+	BULWARK_DATA_DIR=$(CURDIR)/runs/demo-service $(BIN)/bulwark demo --out runs/demo $(DEMO)
 
 system:
 	scripts/ensure-system

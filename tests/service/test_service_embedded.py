@@ -121,17 +121,22 @@ def test_serve_runs_api_and_worker_on_sqlite_and_a_filesystem_broker(tmp_path: P
 
 
 def test_demo_runs_pretraining_and_audit_over_http_and_exits_zero(tmp_path: Path) -> None:
-    """``bulwark demo`` (the README's first command, made smaller): a service it starts
-    itself, two jobs over HTTP, the ASR table, the download URL, and the service stopped."""
+    """``bulwark demo --quick`` (the README's first command, on the digits and made smaller):
+    a service it starts itself, two pre-trainings and two audits over HTTP, the side-by-side
+    table, both verdicts, the HTML report and checkpoint saved, and the service stopped."""
     env = embedded_env(tmp_path / "data")
+    out = tmp_path / "demo"
     result = subprocess.run(
         [
             sys.executable,
             "-m",
             "bulwark.cli",
             "demo",
+            "--quick",
             "--port",
             str(free_port()),
+            "--out",
+            str(out),
             "--epochs",
             "1",
             "--iterations",
@@ -143,15 +148,24 @@ def test_demo_runs_pretraining_and_audit_over_http_and_exits_zero(tmp_path: Path
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    out = result.stdout
-    assert "[succeeded] 100.0% done" in out
-    for attack in ("FC", "CP", "BP"):
-        assert re.search(rf"^\| {attack} \| \d+\.\d% \(\d+/8\) \|", out, re.MULTILINE), out
-    model_url = re.search(r"hardened checkpoint: (http://\S+/weights)", out)
-    assert model_url, out
+    text = result.stdout
+    assert text.count("[succeeded] 100.0% done") == 4
+    for attack in ("FC", "CP", "BP", "GM", "UNION"):
+        assert re.search(
+            rf"^\| {attack} \| \d+\.\d% \(\d+/\d+\) \| \[[\d.]+, [\d.]+\] \| \d+\.\d% ",
+            text,
+            re.MULTILINE,
+        ), text
+    assert re.search(r"^verdict \(undefended\): (PASS|FAIL|INCONCLUSIVE)\.", text, re.MULTILINE)
+    assert re.search(r"^verdict \(at-pcl\): (PASS|FAIL|INCONCLUSIVE)\.", text, re.MULTILINE)
+    page = out / "report.html"
+    assert page.read_text().startswith("<!DOCTYPE html>") or "<html" in page.read_text()
+    assert (out / "digits-convnet-at-pcl.safetensors").stat().st_size > 10_000
+    model_url = re.search(r"served at (http://\S+/weights)", text)
+    assert model_url, text
     # The service went down with the demo: its port answers nothing any more.
     with pytest.raises(httpx.TransportError):
         httpx.get(model_url.group(1).split("/v1/")[0] + "/healthz", timeout=2)
