@@ -30,7 +30,7 @@ import math
 import platform
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -768,8 +768,9 @@ def score_stage(
     )
 
 
-def _progress_weights(config: AuditConfig) -> dict[str, float]:
-    """Each phase's share of the audit's progress bar, by its rough cost."""
+def _progress_weights(config: AuditConfig, parts: frozenset[str] | None = None) -> dict[str, float]:
+    """Each phase's share of the audit's progress bar, by its rough cost (of ``parts``
+    only, for a task crafting some parts)."""
     work = {name: config.poisons(name) * config.iterations for name in config.attacks}
     total = sum(work.values())
     sides = ("", "reference:") if config.reference else ("",)
@@ -783,6 +784,18 @@ def _progress_weights(config: AuditConfig) -> dict[str, float]:
     if curve is not None:
         points = [config.poisons(curve)] * len(config.budget_deltas) + list(config.budget_poisons)
         weights["curve"] = 90.0 * len(sides) * sum(points) * config.iterations / total
+    if parts is not None:
+        # A parts task crafts only its own attacks: the others weigh nothing in its bar.
+        crafted = {
+            f"{'' if part.startswith('model-') else 'reference:'}{phase}:{part.split('-')[1]}"
+            for part in parts
+            for phase in ("craft", "retrain")
+        }
+        for phase in weights:
+            kind = phase.removeprefix("reference:").split(":")[0]
+            if kind in ("craft", "retrain") and phase not in crafted:
+                weights[phase] = 0.0
+        weights["screen"] = weights["curve"] = 0.0
     return weights
 
 
@@ -1109,9 +1122,72 @@ def run_audit(
     Raises :class:`AuditError` for a dataset or pair that does not fit the model, and the
     loaders' errors (``BulwarkError`` subclasses) for unreadable checkpoints or datasets.
     """
+    report = _run(
+        config,
+        progress=progress,
+        poisons_dir=poisons_dir,
+        dataset=dataset,
+        reference_source=reference_source,
+        policy=policy,
+        state_dir=state_dir,
+        parts=None,
+    )
+    assert report is not None
+    return report
+
+
+def audit_parts(config: AuditConfig) -> list[str]:
+    """The independent crafting parts of a (non-sequential) audit: one per attack, and one
+    per attack on the reference. :func:`craft_audit_parts` crafts any subset of them on any
+    worker; :func:`run_audit` with the same ``state_dir`` holding every part's file then only
+    scores (the fan-out of an audit across workers)."""
+    sides = ["model", "reference"] if config.reference is not None else ["model"]
+    return [f"{side}-{name}-round0" for side in sides for name in config.attacks]
+
+
+def craft_audit_parts(
+    config: AuditConfig,
+    parts: Collection[str],
+    *,
+    state_dir: Path,
+    progress: ProgressCallback = ignore_progress,
+    dataset: ImageDataset | None = None,
+) -> None:
+    """Craft and re-train the ``parts`` (:func:`audit_parts`) of ``config``'s audit into
+    ``state_dir``; parts already there are kept. Loads the model (and the reference, for a
+    reference part) and draws the same instances as :func:`run_audit` does."""
+    unknown = sorted(set(parts) - set(audit_parts(config)))
+    if unknown:
+        raise AuditError(f"unknown audit parts {unknown}; the parts are {audit_parts(config)}")
+    if config.sequential:
+        raise AuditError("a sequential audit decides between rounds: it runs as one task")
+    _run(
+        config,
+        progress=progress,
+        poisons_dir=None,
+        dataset=dataset,
+        reference_source="named",
+        policy=None,
+        state_dir=state_dir,
+        parts=frozenset(parts),
+    )
+
+
+def _run(
+    config: AuditConfig,
+    *,
+    progress: ProgressCallback,
+    poisons_dir: Path | None,
+    dataset: ImageDataset | None,
+    reference_source: Literal["named", "auto"],
+    policy: Policy | None,
+    state_dir: Path | None,
+    parts: frozenset[str] | None,
+) -> AuditReport | None:
+    """:func:`run_audit`, or with ``parts`` only the crafting of those parts (returns None)."""
     started = time.perf_counter()
     timings: dict[str, float] = {}
-    tracker = _Tracker(progress, _progress_weights(config))
+    tracker = _Tracker(progress, _progress_weights(config, parts))
 
     def timed(phase: str, message: str = "") -> _Phase:
         return _Phase(tracker, timings, phase, message)
@@ -1123,7 +1199,7 @@ def run_audit(
         inputs, choices = draw_stage(inputs, clean)
         features = features_stage(inputs, clean)
     feature_screen = None
-    if config.screen_images:
+    if config.screen_images and parts is None:
         with timed("screen", f"Eq. 4 screen on {config.screen_images} test images"):
             feature_screen = screen_stage(inputs)
     pair_sources = {(c.target_class, c.poison_class): c.source for c in choices}
@@ -1131,7 +1207,8 @@ def run_audit(
     model_side = _Side.of(inputs, features)
     reference_side = None
     reference_clean = None
-    if config.reference is not None:
+    wants_reference = parts is None or any(part.startswith("reference-") for part in parts)
+    if config.reference is not None and wants_reference:
         with timed("reference:load", "the undefended reference model"):
             reference_inputs = load_stage(config, inputs.data, model_path=config.reference)
         with timed("reference:features", "the reference's features on the same instances"):
@@ -1167,6 +1244,8 @@ def run_audit(
                     tracker.report(phase, local, step=step, steps=steps, loss=objective)
 
                 step_key = f"{prefix.rstrip(':') or 'model'}-{name}-round{number}"
+                if parts is not None and step_key not in parts:
+                    continue
                 done_before = state.load(step_key, inputs.device) if state is not None else None
                 if done_before is not None:
                     crafted, outcome, seconds = done_before
@@ -1210,6 +1289,8 @@ def run_audit(
                 )
                 break
 
+    if parts is not None:
+        return None  # the parts are in state_dir; the scoring task reads them all
     run_order = done if config.sequential else list(range(len(inputs.instances)))
     model_run = model_side.subset(run_order) if config.sequential else model_side
     results = crafting[""].results(model_run, pair_sources)

@@ -187,3 +187,44 @@ def test_an_interrupted_audit_resumes_from_its_last_finished_attack(
     other = _config(undefended, attacks=("fc",), attack_settings={}, reference=str(undefended))
     run_audit(other, state_dir=state)
     assert crafted == ["fc", "fc"]
+
+
+def test_an_audit_fans_out_into_parts_that_any_worker_crafts(undefended, tmp_path):
+    """Each part (an attack, on the model or on the reference) crafted in its own folder, as
+    on separate workers; the scoring run over their union crafts nothing and reports what the
+    audit in one piece reports."""
+    from core.audit import audit_parts, craft_audit_parts
+
+    config = _config(undefended, reference=str(undefended))
+    parts = audit_parts(config)
+    assert parts == [
+        "model-fc-round0",
+        "model-bp-round0",
+        "reference-fc-round0",
+        "reference-bp-round0",
+    ]
+    whole = run_audit(config)
+    merged = tmp_path / "merged"
+    for index, part in enumerate(parts):
+        own = tmp_path / f"worker{index}"
+        craft_audit_parts(config, [part], state_dir=own)
+        files = sorted(p.name for p in own.iterdir())
+        assert files == ["config.json", f"{part}.pt"]
+        merged.mkdir(exist_ok=True)
+        (merged / f"{part}.pt").write_bytes((own / f"{part}.pt").read_bytes())
+        (merged / "config.json").write_bytes((own / "config.json").read_bytes())
+
+    import core.audit
+
+    real = core.audit.craft_stage
+    core.audit.craft_stage = lambda *a, **k: pytest.fail("the scoring run crafted")
+    try:
+        scored = run_audit(config, state_dir=merged)
+    finally:
+        core.audit.craft_stage = real
+    for name in ("fc", "bp"):
+        assert scored.attacks[name].rows == whole.attacks[name].rows
+        assert scored.reference.attacks[name].rows == whole.reference.attacks[name].rows
+    assert scored.union == whole.union
+    with pytest.raises(core.audit.AuditError, match="unknown audit parts"):
+        craft_audit_parts(config, ["model-gm-round0"], state_dir=tmp_path / "x")
