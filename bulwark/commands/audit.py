@@ -29,6 +29,7 @@ audit work starts where they can be.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
@@ -343,9 +344,12 @@ def run(args: argparse.Namespace) -> int:
             )
 
     try:
-        with _model_folder(args) as model:
+        with contextlib.ExitStack() as folders:
+            model = folders.enter_context(_model_folder(args))
             config = config.model_copy(update={"model": model})
             reference, source, note = _reference(args, config, show)
+            if reference is not None:
+                reference = folders.enter_context(_model_folder(args, reference))
             report = run_audit(
                 config.model_copy(update={"reference": reference}),
                 progress=show,
@@ -443,15 +447,17 @@ def _read_policy(path: Path) -> Policy | None:
 
 
 @contextmanager
-def _model_folder(args: argparse.Namespace) -> Iterator[str]:
-    """The checkpoint the audit reads: ``--model`` itself, or for a ``.pt2`` program a
-    temporary folder holding it (checked, untouched) and its manifest."""
-    if Path(args.model).suffix != ".pt2":
-        if args.input_shape is not None or args.output != "features":
+def _model_folder(args: argparse.Namespace, path: str | Path | None = None) -> Iterator[str]:
+    """The checkpoint the audit reads: ``path`` (default ``--model``) itself, or for a
+    ``.pt2`` program a temporary folder holding it (checked, untouched) and its manifest,
+    with ``--input-shape`` and ``--output`` (which apply to every .pt2 of the audit)."""
+    path = Path(args.model if path is None else path)
+    if path.suffix != ".pt2":
+        if path == Path(args.model) and (args.input_shape is not None or args.output != "features"):
             from core.errors import BulwarkError
 
             raise BulwarkError("--input-shape and --output apply to a .pt2 model only")
-        yield str(args.model)
+        yield str(path)
         return
     from core.exported import save_exported
 
@@ -463,11 +469,11 @@ def _model_folder(args: argparse.Namespace) -> Iterator[str]:
     with tempfile.TemporaryDirectory(prefix="bulwark-pt2-") as scratch:
         folder = Path(scratch) / "model"
         save_exported(
-            Path(args.model),
+            path,
             folder,
             input_shape=shape,
             output=args.output,
-            manifest={"source_file": str(args.model)},
+            manifest={"source_file": str(path)},
         )
         yield str(folder)
 

@@ -163,3 +163,20 @@ def test_the_same_two_files_audit_locally_with_the_cli(hub_files, tmp_path, caps
     assert report["model"]["arch"] == "exported" and report["dataset"]["name"] == "npz"
     assert set(report["attacks"]) == {"fc", "cp", "bp"}
     assert all(result["instances"] == 4 for result in report["attacks"].values())
+    # A torch.export program has no automatic reference: the report says why.
+    assert report["reference"] is None and "architecture 'exported'" in report["reference_note"]
+
+    # Its undefended twin, exported the same way, is named as the reference.
+    twin = tmp_path / "twin.pt2"
+    twin.write_bytes(export(Penultimate(resnet(seed=4))))
+    args = [
+        "audit", "--model", str(program), "--dataset", str(data), "--attacks", "fc",
+        "--pairs", "0:1,2:3", "--targets-per-pair", "2", "--iterations", "3",
+        "--retrain-epochs", "2", "--split", "0:10:25", "--eval-images", "40",
+        "--set", "screen_images=20", "--reference", str(twin), "--out", str(out),
+    ]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    report = json.loads(out.read_text())
+    assert report["reference"]["source"] == "named"
+    assert report["reference"]["model"]["arch"] == "exported"
+    assert set(report["comparison"]) == {"fc"}
