@@ -84,6 +84,9 @@ class PretrainConfig(BaseModel):
 
     precision: Precision = "auto"  # auto: bfloat16 on CUDA and CPUs with AMX or AVX512_BF16
     device: str | None = None  # None: cuda when present, else cpu
+    # Processes training this run together, one GPU each on CUDA (core.distributed): each takes
+    # its slice of every batch, and the optimization is the single process's (to rounding).
+    devices: int = Field(1, ge=1, le=64)
 
     @property
     def uses_pcl(self) -> bool:

@@ -70,6 +70,7 @@ def pgd(
     feature_term: bool = False,
     generator: torch.Generator | None = None,
     autocast: AbstractContextManager | None = None,
+    start_noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L_inf PGD (Madry et al. 2018): maximize the loss within ||x_adv - x||_inf <= epsilon.
 
@@ -81,6 +82,9 @@ def pgd(
 
     Args:
         x: clean pixels (N, C, H, W) in [0,1]; y: labels (N,).
+        start_noise: the uniform [0,1) draws of the random start, shaped like ``x`` (default:
+            drawn here from ``generator``); a distributed run draws them for the global batch
+            and passes each rank its rows.
     Returns:
         x_adv, detached, same shape and dtype as ``x``.
     """
@@ -94,7 +98,9 @@ def pgd(
                 clean_features = model.features(x).float()
         x_adv = x.detach().clone()
         if random_start:
-            noise = torch.rand(x.shape, device=x.device, generator=generator, dtype=x.dtype)
+            noise = start_noise
+            if noise is None:
+                noise = torch.rand(x.shape, device=x.device, generator=generator, dtype=x.dtype)
             x_adv = (x_adv + (2 * noise - 1) * epsilon).clamp_(0, 1)
         for _ in range(steps):
             x_adv.requires_grad_(True)
@@ -170,8 +176,10 @@ class DefenseLoss(nn.Module):
         joint: bool,
         generator: torch.Generator | None,
         autocast: AbstractContextManager,
+        start_noise: torch.Tensor | None = None,
     ) -> StepLoss:
-        """The loss of one batch; x (N, C, H, W) in [0,1], y (N,)."""
+        """The loss of one batch; x (N, C, H, W) in [0,1], y (N,); ``start_noise``: see
+        :func:`pgd`."""
         use_pcl = self.prototypes and joint
         if not self.adversarial:
             with autocast:
@@ -199,6 +207,7 @@ class DefenseLoss(nn.Module):
             feature_term=self.feature_term,
             generator=generator,
             autocast=autocast,
+            start_noise=start_noise,
         )
         needs_clean = self.feature_term or use_pcl
         # One forward over adversarial and clean inputs together (batch-norm sees both).

@@ -6,7 +6,8 @@ loss, measures the test accuracy (Pre. Acc) and writes the hardened checkpoint
 (``model.safetensors`` + ``manifest.json``). After every epoch it writes a resumable training
 state (model, optimizer, scheduler, centroids, RNG state, epoch); calling ``pretrain`` again
 with the same ``work_dir`` continues from the last finished epoch and ends with the same
-weights as an uninterrupted run.
+weights as an uninterrupted run. With ``config.devices = N > 1`` the run is N processes, one
+GPU each, whose optimization is the single process's (``core.distributed``).
 """
 
 from __future__ import annotations
@@ -14,19 +15,22 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from core.checkpoint import MANIFEST_NAME, save_extractor
 from core.config import PretrainConfig
 from core.data import ImageDataset, augment, channel_stats, split_dataset, to_float
 from core.datasets import load_dataset
 from core.device import autocast, resolve_device, resolve_precision, uses_channels_last
+from core.distributed import Shard, convert_batch_norm, sum_across_ranks
 from core.errors import BulwarkError, ErrorKind
-from core.losses import DefenseLoss
+from core.losses import DefenseLoss, StepLoss
 from core.models import FeatureClassifier, build_model
 from core.progress import Progress, ProgressCallback, ignore_progress
 
@@ -72,8 +76,9 @@ def evaluate(
 
 
 def _state_config(config: PretrainConfig) -> dict[str, Any]:
-    # Device and precision may change between an interrupted run and its resumption.
-    return config.model_dump(mode="json", exclude={"device", "precision"})
+    # Device, precision and the number of devices may change between an interrupted run and
+    # its resumption (the optimization is the same on any number of devices).
+    return config.model_dump(mode="json", exclude={"device", "precision", "devices"})
 
 
 def pretrain(
@@ -87,7 +92,8 @@ def pretrain(
     """Pre-train ``config.arch`` with ``config.defense`` and write the hardened checkpoint.
 
     Args:
-        config: the full run description (see :class:`core.config.PretrainConfig`).
+        config: the full run description (see :class:`core.config.PretrainConfig`); with
+            ``devices`` > 1 the run is that many processes (``core.distributed.launch``).
         out_dir: where ``model.safetensors`` and ``manifest.json`` go.
         work_dir: where the per-epoch resumable state lives (default ``out_dir``); a state
             there from the same config is resumed, one from another config is an error.
@@ -95,10 +101,68 @@ def pretrain(
             which a new call resumes from the last finished epoch.
         dataset: the already-read dataset named by ``config`` (saves re-reading it).
     """
-    started = time.perf_counter()
     work_dir = work_dir or out_dir
-    device = resolve_device(config.device)
+    if config.devices > 1:
+        from core.distributed import launch
+
+        return launch(
+            config, out_dir=out_dir, work_dir=work_dir, progress=progress, dataset=dataset
+        )
+    result = train_process(
+        config, out_dir=out_dir, work_dir=work_dir, progress=progress, dataset=dataset
+    )
+    assert result is not None  # the only process is rank 0
+    return result
+
+
+class _TrainStep(nn.Module):
+    """The model and the defense's loss as one module, whose forward is a training step's
+    loss: what ``DistributedDataParallel`` wraps, so that it averages the gradients of the
+    model and of the PCL centroids alike."""
+
+    def __init__(self, model: FeatureClassifier, criterion: DefenseLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.criterion = criterion
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        *,
+        joint: bool,
+        generator: torch.Generator,
+        autocast: AbstractContextManager,
+        start_noise: torch.Tensor | None,
+    ) -> StepLoss:
+        result: StepLoss = self.criterion(
+            self.model,
+            x,
+            y,
+            joint=joint,
+            generator=generator,
+            autocast=autocast,
+            start_noise=start_noise,
+        )
+        return result
+
+
+def train_process(
+    config: PretrainConfig,
+    *,
+    out_dir: Path,
+    work_dir: Path,
+    progress: ProgressCallback = ignore_progress,
+    dataset: ImageDataset | None = None,
+    shard: Shard | None = None,
+) -> PretrainResult | None:
+    """The training of one process: the whole run, or with ``shard`` one rank of a
+    distributed run (in a process group; ``core.distributed``), which returns the result on
+    rank 0 and None elsewhere. See :func:`pretrain` for the arguments."""
+    started = time.perf_counter()
+    device = shard.device if shard else resolve_device(config.device)
     dtype = resolve_precision(config.precision, device)
+    lead = shard is None or shard.rank == 0  # reports progress, writes state and checkpoint
 
     progress(Progress(phase="loading data", fraction=0.0, message=config.dataset))
     data = dataset or load_dataset(config.dataset, config.data_dir)
@@ -123,6 +187,8 @@ def pretrain(
         random_start=config.random_start,
         feature_term=config.feature_term,
     )
+    if shard:
+        convert_batch_norm(model)  # batch norm over the global batch
     model.to(device)
     criterion.to(device)
     if uses_channels_last(device, dtype):
@@ -145,6 +211,20 @@ def pretrain(
     state_path = work_dir / STATE_NAME
     start_epoch = _resume(state_path, config, run) if state_path.is_file() else 0
 
+    step_module: nn.Module = _TrainStep(model, criterion)
+    if shard:
+        from torch.nn.parallel import DistributedDataParallel
+
+        if not config.uses_pcl:
+            criterion.centroids.requires_grad_(False)  # never trained: nothing to average
+        step_module = DistributedDataParallel(
+            step_module,
+            device_ids=[device] if device.type == "cuda" else None,
+            # The centroids get no gradient in the PCL warm-up epochs still to run.
+            find_unused_parameters=config.uses_pcl and start_epoch < config.warmup_epochs,
+        )
+    draws_start_noise = shard is not None and criterion.adversarial and config.random_start
+
     steps_per_epoch = -(-len(train_x) // config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     run_started, run_start_step = time.perf_counter(), start_epoch * steps_per_epoch
@@ -152,6 +232,7 @@ def pretrain(
     for epoch in range(start_epoch, config.epochs):
         joint = config.uses_pcl and epoch >= config.warmup_epochs
         model.train()
+        # The same on every rank: the order and the random draws are the global batch's.
         order = torch.randperm(len(train_x), device=device, generator=generator)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -160,25 +241,43 @@ def pretrain(
             x = to_float(train_x[index])
             if config.augment:
                 x = augment(x, flip=data.flip, generator=generator)
+            y = train_y[index]
+            start_noise = None
+            if draws_start_noise:  # as pgd draws them in a single process
+                start_noise = torch.rand(x.shape, device=device, generator=generator)
+            weight = 1.0  # this process's loss's weight in the global batch's mean loss
+            if shard:
+                rows = shard.rows(len(y))
+                weight = (rows.stop - rows.start) * shard.world_size / len(y)
+                x, y = x[rows], y[rows]
+                start_noise = None if start_noise is None else start_noise[rows]
             if uses_channels_last(device, dtype):
                 x = x.contiguous(memory_format=torch.channels_last)
-            y = train_y[index]
-            result = criterion(
-                model, x, y, joint=joint, generator=generator, autocast=autocast(device, dtype)
+            result = step_module(
+                x,
+                y,
+                joint=joint,
+                generator=generator,
+                autocast=autocast(device, dtype),
+                start_noise=start_noise,
             )
-            if not torch.isfinite(result.loss):
+            if len(y) and not torch.isfinite(result.loss):
                 raise TrainingError(
                     f"the loss became {result.loss.item()} at epoch {epoch + 1}, step "
                     f"{step + 1}: lower lr (now {config.lr}) or alpha (now {config.alpha})"
                 )
             optimizer.zero_grad(set_to_none=True)
             centroid_optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
+            # An empty slice (a last batch with fewer rows than ranks) has a NaN mean loss;
+            # its weight is 0 and so is its gradient, but the NaN must not reach the product.
+            loss = result.loss if weight == 1.0 else result.loss.nan_to_num() * weight
+            loss.backward()
             optimizer.step()
             if joint:
                 centroid_optimizer.step()
-            loss_sum += result.loss.detach() * len(y)
-            correct += (result.logits.argmax(1) == y).sum()
+            if len(y):
+                loss_sum += result.loss.detach() * len(y)
+                correct += (result.logits.argmax(1) == y).sum()
 
             done = epoch * steps_per_epoch + step + 1
             elapsed = time.perf_counter() - run_started
@@ -194,10 +293,14 @@ def pretrain(
                     eta_seconds=(total_steps - done) / rate if rate > 0 else None,
                 )
             )
+        if shard:  # the epoch's loss and accuracy over every rank's rows
+            loss_sum = sum_across_ranks(loss_sum)
+            correct = sum_across_ranks(correct)
         seen = min(len(train_x), steps_per_epoch * config.batch_size)
         loss_value, accuracy = float(loss_sum) / seen, int(correct) / seen
         scheduler.step()
-        _save_state(state_path, config, epoch + 1, run)
+        if lead:
+            _save_state(state_path, config, epoch + 1, run)
         progress(
             Progress(
                 phase="training",
@@ -209,6 +312,8 @@ def pretrain(
                 accuracy=accuracy,
             )
         )
+    if not lead:
+        return None
 
     progress(Progress(phase="evaluating", fraction=0.98, message="test accuracy"))
     pre_acc = evaluate(model, data.test_x, data.test_y, dtype=dtype)

@@ -76,6 +76,12 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
     )
     group.add_argument("--precision", choices=("auto", "float32", "bfloat16"))
     group.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    group.add_argument(
+        "--devices",
+        type=int,
+        help="train on N GPUs of this machine (N processes; on the CPU, N gloo processes), "
+        "with the optimization of one (default: 1)",
+    )
     parser.set_defaults(run=run, flags=option_names(parser))
 
 
@@ -96,6 +102,7 @@ def build_request(args: argparse.Namespace) -> tuple[PretrainRequest, str | None
         warmup_epochs=args.warmup_epochs,
         split=args.split,
         precision=args.precision,
+        devices=args.devices,
     ) | set_values(args.settings)
     request = PretrainRequest.model_validate(
         given(
