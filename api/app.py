@@ -8,17 +8,21 @@ from fastapi import FastAPI
 
 from api.deps import SigningKeySource
 from api.errors import install_error_handlers
+from api.limits import BodyLimitMiddleware
 from api.openapi import TAGS, install_openapi
+from api.ratelimit import Limiter
 from api.routes import (
     datasets,
     health,
     jobs,
+    keys,
     models,
     policies,
     report_pages,
     signing,
     webhooks,
 )
+from api.services.tenants import load_key_secret
 from api.webhook_pump import webhook_lifespan
 from common.artifacts import make_artifact_store
 from common.db import make_engine, make_session_factory
@@ -49,7 +53,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.environment == "production":
         # Fail at startup, not at the first report: production names its key file.
         signing_key.get()
-    engine = make_engine(settings.resolved_database_url)
+    # Production refuses to start without BULWARK_KEY_SECRET; locally it is made on first use.
+    key_secret = load_key_secret(settings)
+    # Pool + overflow cover the threadpool's 40 threads: a request never waits for a
+    # connection while a thread is free (a waiting one gives up after the pool timeout: 503).
+    engine_options = (
+        {}
+        if settings.database_url is None
+        else {
+            "pool_size": settings.db_pool_size,
+            "max_overflow": settings.db_max_overflow,
+            "pool_timeout": settings.db_pool_timeout_seconds,
+        }
+    )
+    engine = make_engine(settings.resolved_database_url, **engine_options)
+    app.state.key_secret = key_secret
+    app.state.limiter = Limiter.from_settings(settings)
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
@@ -57,6 +76,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings)
     app.state.signing_key = signing_key
     install_error_handlers(app)
+    # Bodies are capped before authentication and parsing (api/limits.py).
+    app.add_middleware(BodyLimitMiddleware, settings=settings)
     install_openapi(app)
     for router in (
         health.router,
@@ -64,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         models.router,
         datasets.router,
         jobs.router,
+        keys.router,
         report_pages.router,
         policies.router,
         webhooks.router,

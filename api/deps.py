@@ -12,7 +12,9 @@ from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
-from api.services.tenants import authenticate
+from api.errors import NotAuthenticatedError
+from api.ratelimit import Limiter
+from api.services.tenants import authenticate, bearer_key
 from common.artifacts import ArtifactStore
 from common.models import Tenant
 from common.settings import Settings
@@ -74,12 +76,37 @@ bearer_scheme = HTTPBearer(
 )
 
 
+READ_METHODS = frozenset({"GET", "HEAD"})
+
+
 def current_tenant(
     request: Request,
     session: SessionDep,
     _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
 ) -> Tenant:
-    return authenticate(session=session, authorization=request.headers.get("Authorization"))
+    """The key's tenant, after the abuse limits (``api.ratelimit``): a client IP throttled for
+    wrong keys gets 429 before its key is looked at, a wrong key counts against its IP, and
+    the tenant's request rate is checked last. ``request.state.api_key_id`` names the key."""
+    limiter: Limiter = request.app.state.limiter
+    client = request.client.host if request.client else "unknown"
+    limiter.check_client(client)
+    key = bearer_key(request.headers.get("Authorization"))
+    try:
+        authenticated = authenticate(
+            session=session,
+            key=key,
+            secret=request.app.state.key_secret,
+            # A request with a body may be slow to send it: hold no connection meanwhile.
+            # A read (a status poll above all) keeps its connection for its own statement.
+            release=request.method not in READ_METHODS,
+        )
+    except NotAuthenticatedError:
+        if key is not None:  # a guess; a missing key is a client that forgot
+            limiter.record_failure(client)
+        raise
+    limiter.check_rate(authenticated.tenant)
+    request.state.api_key_id = authenticated.key_id
+    return authenticated.tenant
 
 
 CurrentTenant = Annotated[Tenant, Depends(current_tenant)]

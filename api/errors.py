@@ -360,7 +360,7 @@ def problem_response_spec(status: int) -> dict[str, Any]:
         "description": PROBLEM_DESCRIPTIONS.get(status, _phrase(status)),
         "content": {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": PROBLEM_SCHEMA_REF}}},
     }
-    if status == 503:
+    if status in (429, 503):
         spec["headers"] = {
             "Retry-After": {
                 "description": "seconds to wait before retrying",
@@ -383,7 +383,8 @@ PROBLEM_DESCRIPTIONS = {
     413: "Upload larger than the deployment's limit",
     415: "Upload in a format this deployment does not take",
     422: "Invalid fields, every one listed in `errors`",
-    429: "Too many requests",
+    429: "Over the tenant's rate limit or active-jobs quota, or too many wrong keys from "
+    "this address: retry after `Retry-After` seconds",
     500: "Internal error (logged)",
     503: "The database or the job queue is unavailable: retry after `Retry-After` seconds",
 }

@@ -1,6 +1,7 @@
 """The OpenAPI document, finished for client generators: the Problem schema every error answer
 uses, and the answers every ``/v1`` route shares (401, 404 on a resource, 422 on bad input,
-503 on an outage) declared with it, in place of FastAPI's own 422 schema.
+429 over a rate limit or quota, 503 on an outage) declared with it, in place of FastAPI's own
+422 schema.
 
 The security scheme comes from the bearer dependency (``api.deps``), the operation ids,
 summaries and route-specific answers from each route's decorator.
@@ -30,6 +31,7 @@ TAGS = [
     },
     {"name": "policy", "description": "The tenant's audit policy, stored and versioned."},
     {"name": "webhooks", "description": "Endpoints that receive job state changes."},
+    {"name": "keys", "description": "The tenant's own API key: rotate it."},
     {"name": "signing", "description": "The public key that checks report signatures."},
     {"name": "health", "description": "Liveness and readiness probes."},
 ]
@@ -68,11 +70,20 @@ def finish(schema: dict[str, Any]) -> None:
             responses = operation.setdefault("responses", {})
             if "422" in responses:  # FastAPI's HTTPValidationError, or a route's own
                 responses["422"] = problem_response_spec(422)
+            if "requestBody" in operation:
+                # Wherever a body is sent: one that does not parse (400), or one past its cap
+                # before anything read it (413, api.limits).
+                responses.setdefault("400", problem_response_spec(400))
+                responses.setdefault("413", problem_response_spec(413))
             if path.startswith("/v1/"):
                 responses.setdefault("401", problem_response_spec(401))
                 responses.setdefault("503", problem_response_spec(503))
                 if "{" in path:  # a resource by id: a missing one, or another tenant's
                     responses.setdefault("404", problem_response_spec(404))
+            if operation.get("security"):
+                # Every authenticated route: the tenant's rate limit, or its IP throttled for
+                # wrong keys (api.ratelimit); the job routes add the active-jobs quota.
+                responses.setdefault("429", problem_response_spec(429))
             operation["responses"] = dict(sorted(responses.items()))
     text = json.dumps(schema["paths"])
     for name in FASTAPI_ERROR_SCHEMAS:

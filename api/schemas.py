@@ -20,6 +20,11 @@ def _as_utc(value: datetime) -> datetime:
 
 UTCDateTime = Annotated[datetime, AfterValidator(_as_utc)]
 
+# The largest values a request may carry into an Integer column, and a page's offset (Postgres
+# takes OFFSET as a bigint; no tenant holds 2**31 rows): anything past them is a 422.
+MAX_INT32 = 2**31 - 1
+MAX_OFFSET = MAX_INT32
+
 
 class JobPublic(BaseModel):
     model_config = ConfigDict(from_attributes=True)

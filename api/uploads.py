@@ -14,13 +14,24 @@ from pathlib import Path
 from typing import BinaryIO
 
 from fastapi import Request
+from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from api.errors import InvalidFieldError, UploadTooLargeError
+from api.errors import InvalidFieldError, ServiceError, UploadTooLargeError
+from catalog.requests import CONTROL_CHARACTERS, NAME_MAX
 
 MAX_FIELD_BYTES = 64 * 1024
+MAX_FILENAME_LENGTH = NAME_MAX
 MAX_FIELDS = 32
 FORM_OVERHEAD_BYTES = MAX_FIELDS * MAX_FIELD_BYTES  # what a body may hold besides the file
+
+
+class MalformedBodyError(ServiceError):
+    """A multipart body that does not parse, or ends before its closing boundary (400)."""
+
+    status_code = 400
+    slug = "malformed-body"
+    title = "Malformed request body"
 
 
 @dataclass
@@ -42,8 +53,11 @@ class _Receiver:
         self._value = bytearray()
         self._sink: BinaryIO | None = None
         self._digest = hashlib.sha256()
+        self.parts_open = 0  # parts begun and not yet ended
+        self.complete = False  # the closing boundary was read
 
     def on_part_begin(self) -> None:
+        self.parts_open += 1
         self._headers, self._value = {}, bytearray()
 
     def on_header_field(self, data: bytes, start: int, end: int) -> None:
@@ -64,7 +78,15 @@ class _Receiver:
                 raise InvalidFieldError.at(
                     ("body", self._name), f"only one file is accepted, as field {self.file_field!r}"
                 )
-            self.result.filename = options[b"filename"].decode("utf-8", "replace")
+            filename = options[b"filename"].decode("utf-8", "replace")
+            # The name is stored (job specs, manifests, default model names): keep it storable.
+            if len(filename) > MAX_FILENAME_LENGTH or CONTROL_CHARACTERS.search(filename):
+                raise InvalidFieldError.at(
+                    ("body", self._name),
+                    f"the file name must be at most {MAX_FILENAME_LENGTH} characters, without "
+                    "control characters",
+                )
+            self.result.filename = filename
             self.result.staged = self.staging
             self._sink = self.staging.open("wb")
 
@@ -84,7 +106,11 @@ class _Receiver:
         if len(self._value) > MAX_FIELD_BYTES:
             raise InvalidFieldError.at(("body", self._name), f"longer than {MAX_FIELD_BYTES} bytes")
 
+    def on_end(self) -> None:
+        self.complete = True
+
     def on_part_end(self) -> None:
+        self.parts_open -= 1
         if self._sink is not None and self.result.staged is not None and not self.result.sha256:
             self._sink.close()
             self.result.sha256 = self._digest.hexdigest()
@@ -127,12 +153,23 @@ async def receive_upload(
             "on_header_value": receiver.on_header_value,
             "on_header_end": receiver.on_header_end,
             "on_headers_finished": receiver.on_headers_finished,
+            "on_end": receiver.on_end,
         },
     )
     try:
         async for chunk in request.stream():
             parser.write(chunk)
         parser.finalize()
+        # A body cut short (no closing boundary) leaves its last part unfinished: its file
+        # would be kept without a sha256. Only a body that ended properly counts.
+        if not receiver.complete or receiver.parts_open:
+            raise MalformedBodyError(
+                "the multipart body ends before its closing boundary; send the whole form"
+            )
+    except MultipartParseError as error:
+        receiver.close()
+        staging.unlink(missing_ok=True)
+        raise MalformedBodyError(f"the multipart body does not parse: {error}") from None
     except BaseException:
         receiver.close()
         staging.unlink(missing_ok=True)

@@ -8,6 +8,8 @@ data by a built-in dataset or by the id of one of its own datasets, never by ser
 
 from __future__ import annotations
 
+import math
+import re
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -61,6 +63,62 @@ RESERVED_AUDIT_OVERRIDES = frozenset(
 )
 
 
+# Bounds every request value must keep so that the database can hold it: a JSON column
+# takes no NUL character and no NaN or Infinity, a name column at most NAME_MAX characters.
+NAME_MAX = 200
+MAX_CLASS_INDEX = 100_000
+INT64_MAX = 2**63 - 1
+MAX_JSON_DEPTH = 32
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
+# Requests refuse NaN and Infinity in their number fields (422), not only in the core.
+STRICT_REQUEST = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot name a model, dataset or job, or None if it can."""
+    if len(name) > NAME_MAX:
+        return f"at most {NAME_MAX} characters, got {len(name)}"
+    if CONTROL_CHARACTERS.search(name):
+        return "no control characters (NUL, newlines, escapes) in a name"
+    return None
+
+
+def _checked_name(name: str | None) -> str | None:
+    if name is not None and (problem := name_problem(name)) is not None:
+        raise ValueError(problem)
+    return name
+
+
+def json_value_problem(value: Any, depth: int = 0) -> str | None:
+    """Why a free-form JSON value (overrides, settings) cannot be stored, or None."""
+    if depth > MAX_JSON_DEPTH:
+        return f"nested deeper than {MAX_JSON_DEPTH} levels"
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN and Infinity are not numbers a job can use"
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and not -INT64_MAX <= value <= INT64_MAX:
+        return f"integer {value} is out of range"
+    if isinstance(value, str) and "\x00" in value:
+        return "a NUL character in a string"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            problem = json_value_problem(key, depth + 1) or json_value_problem(item, depth + 1)
+            if problem is not None:
+                return f"{key!s:.40}: {problem}"
+    if isinstance(value, list | tuple):
+        for item in value:
+            if (problem := json_value_problem(item, depth + 1)) is not None:
+                return problem
+    return None
+
+
+def _json_safe(value: Any) -> Any:
+    if (problem := json_value_problem(value)) is not None:
+        raise ValueError(problem)
+    return value
+
+
 def _no_reserved(overrides: dict[str, Any], reserved: frozenset[str]) -> dict[str, Any]:
     taken = sorted(reserved & overrides.keys())
     if taken:
@@ -89,7 +147,7 @@ def _dataset_entry(dataset: str | None) -> str:
 class PretrainRequest(BaseModel):
     """A robust pre-training run: a named recipe scaled to ``epochs``, plus overrides."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_REQUEST
 
     dataset: DatasetName | None = Field(None, description=DATASET_FIELD)
     dataset_id: uuid.UUID | None = Field(None, description=DATASET_ID_FIELD)
@@ -106,7 +164,7 @@ class PretrainRequest(BaseModel):
     @field_validator("overrides")
     @classmethod
     def _no_reserved_overrides(cls, overrides: dict[str, Any]) -> dict[str, Any]:
-        return _no_reserved(overrides, RESERVED_PRETRAIN_OVERRIDES)
+        return _json_safe(_no_reserved(overrides, RESERVED_PRETRAIN_OVERRIDES))
 
     @model_validator(mode="after")
     def _exactly_one_dataset(self) -> PretrainRequest:
@@ -120,14 +178,21 @@ class PretrainRequest(BaseModel):
 
 
 class PretrainJobCreate(PretrainRequest):
-    name: str | None = Field(None, max_length=200, description="name of the produced model")
+    name: str | None = Field(
+        None, max_length=NAME_MAX, description="name of the produced model (no control characters)"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _storable_name(cls, name: str | None) -> str | None:
+        return _checked_name(name)
 
 
 class BudgetRequest(BaseModel):
     """A budget curve: the audit re-runs one attack at each delta (with the audit's poisons)
     and at each poison count (with the audit's delta)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_REQUEST
 
     attack: AttackName | None = Field(
         None,
@@ -148,7 +213,7 @@ class BudgetRequest(BaseModel):
 class AuditRequest(BaseModel):
     """An audit under the paper's protocol: which attacks, pairs, targets and budget."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_REQUEST
 
     dataset: DatasetName | None = Field(
         None, description=f"{DATASET_FIELD}; the model's classes must match the dataset's"
@@ -203,9 +268,13 @@ class AuditRequest(BaseModel):
     @classmethod
     def _distinct_classes(cls, pairs: list[tuple[int, int]] | None) -> list[tuple[int, int]] | None:
         for target, poison in pairs or ():
-            if target == poison or target < 0 or poison < 0:
+            if target == poison or min(target, poison) < 0:
                 raise ValueError(
                     f"pair ({target}, {poison}): classes must be distinct non-negative indices"
+                )
+            if max(target, poison) > MAX_CLASS_INDEX:
+                raise ValueError(
+                    f"pair ({target}, {poison}): class indices are at most {MAX_CLASS_INDEX}"
                 )
         if pairs is not None and len(set(pairs)) != len(pairs):
             raise ValueError(f"pairs repeat: {pairs}")
@@ -214,7 +283,12 @@ class AuditRequest(BaseModel):
     @field_validator("overrides")
     @classmethod
     def _no_reserved_audit_overrides(cls, overrides: dict[str, Any]) -> dict[str, Any]:
-        return _no_reserved(overrides, RESERVED_AUDIT_OVERRIDES)
+        return _json_safe(_no_reserved(overrides, RESERVED_AUDIT_OVERRIDES))
+
+    @field_validator("attack_settings")
+    @classmethod
+    def _storable_settings(cls, settings: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        return _json_safe(settings)
 
     @model_validator(mode="after")
     def _settings_for_chosen_attacks(self) -> AuditRequest:
@@ -264,7 +338,7 @@ class ImportJobSpec(BaseModel):
     then checked and stored exactly as an uploaded ``.pt2``.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_REQUEST
 
     upload_key: str
     filename: str | None = None
@@ -293,7 +367,7 @@ class DatasetImportSpec(BaseModel):
     on the dataset's row, and deletes the upload either way.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT_REQUEST
 
     dataset_id: uuid.UUID
     upload_key: str

@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from api.deps import CeleryDep, CurrentTenant, SessionDep, SettingsDep, StoreDep
 from api.errors import problem_responses
-from api.schemas import DatasetPublic, DatasetsPage
+from api.schemas import MAX_OFFSET, DatasetPublic, DatasetsPage
 from api.services import datasets as dataset_service
 from api.services.jobs import SortOrder
 from api.uploads import receive_upload
@@ -108,7 +108,7 @@ def list_datasets(
         SortOrder, Query(description="by creation time: desc (newest first, the default) or asc")
     ] = "desc",
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> DatasetsPage:
     datasets, total = dataset_service.list_datasets(
         session=session, tenant=tenant, limit=limit, offset=offset, order=order

@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 
 from api.deps import CeleryDep, CurrentTenant, SessionDep, SettingsDep, SigningKeyDep, StoreDep
 from api.errors import problem_responses
-from api.schemas import JobPublic, JobsPage, ReportPublic, SignaturePublic
+from api.schemas import MAX_OFFSET, JobPublic, JobsPage, ReportPublic, SignaturePublic
 from api.services import jobs as job_service
 from api.services.jobs import SortOrder
 from catalog import JobKindName
@@ -106,7 +106,7 @@ def list_jobs(
     ] = None,
     order: Order = "desc",
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> JobsPage:
     jobs, total = job_service.list_jobs(
         session=session,
@@ -150,6 +150,9 @@ def get_job(
     public = job_service.job_public(
         job_service.get_job(session=session, tenant=tenant, job_id=job_id)
     )
+    # A poll holds its connection for two statements (its key, this row): it goes back to the
+    # pool before the answer is built and sent (pollers are most of the API's traffic).
+    session.close()
     etag = job_service.job_etag(public)
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if job_service.etag_matches(if_none_match, etag):

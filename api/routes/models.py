@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from api.deps import CeleryDep, CurrentTenant, SessionDep, SettingsDep, StoreDep
 from api.errors import problem_responses
-from api.schemas import JobPublic, ModelPublic, ModelsPage
+from api.schemas import MAX_OFFSET, JobPublic, ModelPublic, ModelsPage
 from api.services import badges as badge_service
 from api.services import jobs as job_service
 from api.services import models as model_service
@@ -156,13 +156,19 @@ def list_models(
         ),
     ] = None,
     name: Annotated[
-        str | None, Query(min_length=1, max_length=200, description="only models of this name")
+        str | None,
+        Query(
+            min_length=1,
+            max_length=200,
+            pattern=r"^[^\x00-\x1f\x7f]+$",
+            description="only models of this name",
+        ),
     ] = None,
     order: Annotated[
         SortOrder, Query(description="by creation time: desc (newest first, the default) or asc")
     ] = "desc",
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> ModelsPage:
     models, total = model_service.list_models(
         session=session,

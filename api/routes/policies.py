@@ -9,6 +9,7 @@ from fastapi import APIRouter, Path, Query, Response, status
 
 from api.deps import CurrentTenant, SessionDep
 from api.errors import problem_responses
+from api.schemas import MAX_INT32, MAX_OFFSET
 from api.services import policies as policy_service
 from api.services.policies import PolicyInForce, PolicyVersionPublic, PolicyVersionsPage
 from catalog.policy import Policy
@@ -54,7 +55,7 @@ def list_policy_versions(
     session: SessionDep,
     tenant: CurrentTenant,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> PolicyVersionsPage:
     """Every stored version, newest first."""
     rows, total = policy_service.list_versions(
@@ -70,7 +71,7 @@ def list_policy_versions(
 
 @router.get("/versions/{version}", operation_id="getPolicyVersion", summary="Read a policy version")
 def get_policy_version(
-    version: Annotated[int, Path(ge=1)], session: SessionDep, tenant: CurrentTenant
+    version: Annotated[int, Path(ge=1, le=MAX_INT32)], session: SessionDep, tenant: CurrentTenant
 ) -> PolicyVersionPublic:
     return policy_service.version_public(
         policy_service.get_version(session=session, tenant=tenant, version=version)

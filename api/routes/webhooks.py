@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import CurrentTenant, SessionDep, SettingsDep
 from api.errors import problem_responses
-from api.schemas import UTCDateTime
+from api.schemas import MAX_OFFSET, UTCDateTime
 from api.services import webhooks as webhook_service
 from common.models import Webhook
 from common.webhooks import EventName
@@ -130,7 +130,7 @@ def list_webhooks(
     session: SessionDep,
     tenant: CurrentTenant,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> WebhooksPage:
     webhooks, total = webhook_service.list_webhooks(
         session=session, tenant=tenant, limit=limit, offset=offset
@@ -171,7 +171,7 @@ def list_deliveries(
     tenant: CurrentTenant,
     status: DeliveryStatusName | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> WebhookDeliveriesPage:
     """The delivery log, newest first: each event sent (or being sent) to this endpoint, its
     attempts, the receiver's last status and the last error."""

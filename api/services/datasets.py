@@ -16,11 +16,13 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from api.errors import BrokerUnavailableError, ConflictError, InvalidFieldError, NotFoundError
+from api.ratelimit import check_stored_bytes
 from api.schemas import DatasetPublic
 from api.services import jobs as job_service
 from api.services.jobs import SortOrder
 from api.uploads import ReceivedUpload
 from catalog import DATASET_FORMATS, infer_format
+from catalog.requests import name_problem
 from common.artifacts import ArtifactStore, dataset_data_key, dataset_upload_key
 from common.models import DatasetStatus, Job, JobStatus, Tenant, TenantDataset, utcnow
 from common.settings import Settings
@@ -50,12 +52,11 @@ def register_upload(
     try:
         if staged is None or upload.size == 0:
             raise InvalidFieldError.at(("body", "file"), "a non-empty dataset file is required")
+        check_stored_bytes(session, settings, tenant, upload.size)  # 413 past the quota
         fmt = _format_field(upload)
         name = (upload.fields.get("name") or "").strip()
-        if len(name) > MAX_NAME_LENGTH:
-            raise InvalidFieldError.at(
-                ("body", "name"), f"at most {MAX_NAME_LENGTH} characters, got {len(name)}"
-            )
+        if name and (problem := name_problem(name)) is not None:
+            raise InvalidFieldError.at(("body", "name"), problem)
         name = name or (upload.filename or "dataset")[:MAX_NAME_LENGTH]
         check_container(staged, fmt)
         dataset = TenantDataset(

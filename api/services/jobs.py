@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import uuid
+from datetime import datetime
 from typing import Any, Literal
 
 from celery import Celery
@@ -14,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.errors import BrokerUnavailableError, ConflictError, InvalidFieldError, NotFoundError
+from api.ratelimit import check_active_jobs, check_audit_size, check_pretrain_size
 from api.schemas import JobPublic
 from catalog import DATASETS, JOB_KINDS, SplitConfig
 from common.artifacts import ArtifactStore, import_upload_key
@@ -68,10 +70,17 @@ def submit_pretrain(
         config = resolve_pretrain(spec)  # the core's own checks, torch-free
     except SpecError as error:
         raise InvalidFieldError(_in_body(error.errors)) from None
+    if config.devices > settings.max_devices_per_job:
+        raise InvalidFieldError.at(
+            ("body", "overrides", "devices"),
+            f"devices={config.devices} GPUs for one job, but this service allows at most "
+            f"{settings.max_devices_per_job} (setting BULWARK_MAX_DEVICES_PER_JOB)",
+        )
     if dataset is not None:
         errors = dataset_errors(dataset, split=config.resolved_split)
         if errors:
             raise InvalidFieldError(errors)
+    check_pretrain_size(settings, config, dataset)  # epochs x images within the deployment's
     return _submit(
         session=session,
         celery=celery,
@@ -132,6 +141,7 @@ def submit_audit(
         )
     if errors or config is None:
         raise InvalidFieldError(errors)
+    check_audit_size(settings, config)  # iterations x targets x poisons within the deployment's
     return _submit(
         session=session,
         celery=celery,
@@ -365,6 +375,7 @@ def _submit(
         existing = _job_by_idempotency_key(session, tenant, idempotency_key)
         if existing is not None:
             return _same_request_or_conflict(existing, kind, spec)
+    check_active_jobs(session, settings, tenant)  # 429 at the tenant's quota
     job = Job(
         id=job_id or uuid.uuid4(),
         tenant_id=tenant.id,
@@ -429,6 +440,8 @@ def get_job(*, session: Session, tenant: Tenant, job_id: uuid.UUID) -> Job:
     job = session.get(Job, job_id)
     if job is None or job.tenant_id != tenant.id or job.deleted_at is not None:
         raise NotFoundError(f"no job {job_id}")
+    if job.parent_id is not None:  # an audit's part is internal: its audit shows its progress
+        raise NotFoundError(f"no job {job_id}")
     return job
 
 
@@ -460,7 +473,11 @@ def list_jobs(
 ) -> tuple[list[Job], int]:
     """The tenant's jobs, newest first (``order="asc"``: oldest first); ``verdict`` keeps the
     audits whose report's policy verdict has that outcome."""
-    query = select(Job).where(Job.tenant_id == tenant.id, Job.deleted_at.is_(None))
+    query = select(Job).where(
+        Job.tenant_id == tenant.id,
+        Job.deleted_at.is_(None),
+        Job.parent_id.is_(None),  # an audit's parts are internal: the audit shows them
+    )
     if kind is not None:
         query = query.where(Job.kind == kind)
     if status is not None:
@@ -551,10 +568,28 @@ def request_cancel(session: Session, job_id: uuid.UUID, *, message: str) -> bool
             )
         )
     )
-    if cancelled_queued:
+    # An audit waiting for its parts is held by no worker (worker.tasks): it ends now.
+    cancelled_waiting = not cancelled_queued and rows_matched(
+        session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.worker.is_(None))
+            .values(
+                status=JobStatus.CANCELLED,
+                phase="cancelled",
+                finished_at=now,
+                cancel_requested=True,
+                lease_expires_at=None,
+                eta_seconds=None,
+                message="cancelled while its parts ran",
+                updated_at=now,
+            )
+        )
+    )
+    if cancelled_queued or cancelled_waiting:
         record_job_event(session, job_id)  # committed by the caller with the cancellation
+        _stop_audit_parts(session, job_id, now)
         return True
-    return bool(
+    flagged = bool(
         rows_matched(
             session.execute(
                 update(Job)
@@ -562,6 +597,31 @@ def request_cancel(session: Session, job_id: uuid.UUID, *, message: str) -> bool
                 .values(cancel_requested=True, updated_at=now)
             )
         )
+    )
+    if flagged:
+        _stop_audit_parts(session, job_id, now)
+    return flagged
+
+
+def _stop_audit_parts(session: Session, audit_id: uuid.UUID, now: datetime) -> None:
+    """A cancelled audit's parts: queued ones end now, running ones stop at their next
+    progress step (as worker.jobs.stop_audit_parts does when an audit ends on a worker)."""
+    session.execute(
+        update(Job)
+        .where(Job.parent_id == audit_id, Job.status == JobStatus.QUEUED)
+        .values(
+            status=JobStatus.CANCELLED,
+            phase="cancelled",
+            cancel_requested=True,
+            message="cancelled with its audit",
+            finished_at=now,
+            updated_at=now,
+        )
+    )
+    session.execute(
+        update(Job)
+        .where(Job.parent_id == audit_id, Job.status == JobStatus.RUNNING)
+        .values(cancel_requested=True, updated_at=now)
     )
 
 

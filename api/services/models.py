@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from api.onnx_check import (
     looks_like_onnx,
     named_onnx,
 )
+from api.ratelimit import check_stored_bytes
 from api.safetensors_check import (
     SafetensorsError,
     infer_model_facts,
@@ -39,6 +41,7 @@ from api.services import jobs as job_service
 from api.services.jobs import SortOrder
 from api.uploads import ReceivedUpload
 from catalog import ARCHS
+from catalog.requests import NAME_MAX, name_problem
 from common.artifacts import (
     ArtifactStore,
     import_upload_key,
@@ -51,7 +54,10 @@ from common.settings import Settings
 from common.specs import ImportJobSpec
 from core.archives import ArchiveError, ArchiveLimits, inspect_archive
 from core.report import AuditReport, percent, read_report, render_asr_table
+from core.verdict import policy_source
 
+# Form integers (input_shape) must fit the Integer columns they end in.
+MAX_FORM_INT = 2**31 - 1
 TORCH_ZIP_MAGIC = b"PK\x03\x04"  # torch.save writes a zip archive holding data.pkl
 ONNX_UNSUPPORTED = (
     "ONNX uploads are not imported by this deployment: its workers have no ONNX converter "
@@ -103,6 +109,7 @@ def register_upload(
     try:
         if staged is None or upload.size == 0:
             raise InvalidFieldError.at(("body", "file"), "a non-empty safetensors file is required")
+        check_stored_bytes(session, settings, tenant, upload.size)  # 413 past the quota
         with staged.open("rb") as handle:
             head = handle.read(SNIFF_BYTES)
         if named_onnx(upload.filename):
@@ -157,7 +164,7 @@ def register_upload(
         model = StoredModel(
             id=uuid.uuid4(),
             tenant_id=tenant.id,
-            name=upload.fields.get("name") or upload.filename or "uploaded model",
+            name=_name_field(upload.fields) or upload.filename or "uploaded model",
             source=ModelSource.UPLOAD,
             arch=facts["arch"],
             num_classes=facts["num_classes"],
@@ -212,16 +219,30 @@ def _queue_torch_import(
         )
     classes = _json_field(fields, "classes")
     if classes is not None and not (
-        isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+        isinstance(classes, list)
+        and all(isinstance(c, str) and name_problem(c) is None for c in classes)
     ):
-        raise InvalidFieldError.at(("body", "classes"), "classes must be a JSON list of names")
+        raise InvalidFieldError.at(
+            ("body", "classes"),
+            f"classes must be a JSON list of names (each at most {NAME_MAX} characters, "
+            "no control characters)",
+        )
     normalization = _normalization_field(fields, channels=input_shape[0]) or {}
+    assert upload.staged is not None
+    if format == "torch-state-dict" and not zipfile.is_zipfile(upload.staged):
+        # torch.save writes a standard zip: one whose central directory cannot be read here
+        # had no member sizes checked, and torch.load must not be the first to inflate it.
+        raise InvalidFieldError.at(
+            ("body", "file"),
+            "the file starts like a zip but its central directory cannot be read; send the "
+            "file as torch.save wrote it",
+        )
     job_id = uuid.uuid4()
     spec = ImportJobSpec(
         upload_key=import_upload_key(job_id),
         filename=upload.filename,
         sha256=upload.sha256,
-        name=fields.get("name") or None,
+        name=_name_field(fields),
         format=format,
         arch=arch,
         input_shape=input_shape,
@@ -259,10 +280,11 @@ def _torch_zip_format(staged: Path, settings: Settings) -> Literal["torch-state-
     ``<root>/models/model.json``; a ``torch.save`` file holds ``<root>/data.pkl``. A zip with
     a name that could escape (absolute, ``..``), a link, more than ``MAX_ZIP_MEMBERS`` members
     or a zip bomb member is refused (422), one declaring more inflated bytes than the upload
-    limit too (413), before anything is stored. A file the zip reader cannot parse is left to
-    the worker's ``torch.load(weights_only=True)``, which refuses it.
+    limit too (413), before anything is stored. A file the zip reader cannot parse is refused
+    (422, after the form's fields): ``torch.load`` never sees an archive whose sizes were not
+    checked.
     """
-    if not zipfile.is_zipfile(staged):
+    if not zipfile.is_zipfile(staged):  # refused once the form is checked (_queue_torch_import)
         return "torch-state-dict"
     limit = settings.max_upload_bytes
     try:
@@ -318,7 +340,7 @@ def _upload_manifest(fields: dict[str, str], facts: dict[str, Any]) -> dict[str,
     if classes is not None:
         if not (
             isinstance(classes, list)
-            and all(isinstance(c, str) for c in classes)
+            and all(isinstance(c, str) and name_problem(c) is None for c in classes)
             and len(classes) == facts["num_classes"]
         ):
             raise InvalidFieldError.at(
@@ -374,6 +396,14 @@ def _normalization_field(fields: dict[str, str], *, channels: int) -> dict[str, 
     return {"mean": mean, "std": std}
 
 
+def _name_field(fields: dict[str, str]) -> str | None:
+    """The form's ``name``, checked as its column holds it; None if not given."""
+    name = fields.get("name", "").strip()
+    if name and (problem := name_problem(name)) is not None:
+        raise InvalidFieldError.at(("body", "name"), problem)
+    return name or None
+
+
 def _json_field(fields: dict[str, str], name: str) -> Any:
     raw = fields.get(name)
     if raw is None or not raw.strip():
@@ -402,9 +432,12 @@ def _int_list(fields: dict[str, str], name: str, *, required: bool = False) -> l
             raise InvalidFieldError.at(("body", name), "field required, e.g. 3,32,32")
         return []
     try:
-        return [int(str(v).strip()) for v in values]
+        numbers = [int(str(v).strip()) for v in values]
     except ValueError:
         raise InvalidFieldError.at(("body", name), f"expected integers, got {values}") from None
+    if any(abs(number) > MAX_FORM_INT for number in numbers):
+        raise InvalidFieldError.at(("body", name), f"each value must be at most {MAX_FORM_INT}")
+    return numbers
 
 
 def _float_list(fields: dict[str, str], name: str) -> list[float] | None:
@@ -412,9 +445,13 @@ def _float_list(fields: dict[str, str], name: str) -> list[float] | None:
     if values is None:
         return None
     try:
-        return [float(str(v).strip()) for v in values]
+        numbers = [float(str(v).strip()) for v in values]
     except ValueError:
         raise InvalidFieldError.at(("body", name), f"expected numbers, got {values}") from None
+    # float() reads "nan" and "inf"; neither normalizes an image.
+    if not all(math.isfinite(number) for number in numbers):
+        raise InvalidFieldError.at(("body", name), f"expected finite numbers, got {values}")
+    return numbers
 
 
 def get_model(*, session: Session, tenant: Tenant, model_id: uuid.UUID) -> StoredModel:
@@ -706,11 +743,16 @@ def _card_body(model: StoredModel, reports: list[tuple[Report, AuditReport]]) ->
         lines += ["", render_asr_table(report, markdown=True), ""]
         if report.verdict is not None:
             verdict = report.verdict
+            source = policy_source(verdict)
             lines += [
-                f"**Verdict: {verdict.outcome.upper()}** (policy confidence "
+                f"**Verdict: {verdict.outcome.upper()}** ({source or 'policy'}, confidence "
                 f"{100 * verdict.confidence:g}%, one-sided Wilson bounds). {verdict.reason}",
                 "",
             ]
+            if verdict.policy is not None:
+                # The policy itself, so the card says what the verdict was measured against.
+                policy = verdict.policy.model_dump_json(exclude_none=True)
+                lines += [f"Policy: `{policy}`", ""]
     return "\n".join(lines).rstrip() + "\n"
 
 

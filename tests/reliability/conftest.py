@@ -119,12 +119,16 @@ def api(env: dict[str, str], tmp_path_factory: Any) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def client(api: str, db: Engine) -> Iterator[httpx.Client]:
+def client(api: str, db: Engine, env: dict[str, str]) -> Iterator[httpx.Client]:
     """An HTTP client of the API with a tenant's key."""
     from api.services.tenants import create_tenant
+    from common.settings import Settings
 
+    # The key's HMAC is made with the served API's key secret (in its data dir).
+    served = Settings(data_dir=Path(env["BULWARK_DATA_DIR"]))
     with make_session_factory(db)() as session:
-        key = create_tenant(session=session, name=f"reliability-{uuid.uuid4().hex[:6]}").api_key
+        name = f"reliability-{uuid.uuid4().hex[:6]}"
+        key = create_tenant(session=session, name=name, settings=served).api_key
     with httpx.Client(base_url=api, headers={"Authorization": f"Bearer {key}"}, timeout=10) as http:
         yield http
 

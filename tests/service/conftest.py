@@ -116,12 +116,13 @@ def settings(database_url: str, redis_url: str, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def make_tenant(clean_db: Engine) -> Callable[[str], Tenant]:
+def make_tenant(clean_db: Engine, settings: Settings) -> Callable[[str], Tenant]:
     from api.services.tenants import create_tenant
 
     def make(name: str) -> Tenant:
         with make_session_factory(clean_db)() as session:
-            created = create_tenant(session=session, name=name)
+            # The key's HMAC is made with the test deployment's key secret (its data dir's).
+            created = create_tenant(session=session, name=name, settings=settings)
             return Tenant(id=created.tenant.id, key=created.api_key)
 
     return make

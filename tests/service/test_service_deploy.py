@@ -20,6 +20,7 @@ def compose(*args: str, password: str | None = "test-only") -> subprocess.Comple
     env = {k: v for k, v in os.environ.items() if k != "POSTGRES_PASSWORD"}
     if password is not None:
         env["POSTGRES_PASSWORD"] = password
+    env.setdefault("BULWARK_KEY_SECRET", "test-only-key-secret-of-32-characters")
     return subprocess.run(
         [COMPOSE, "-f", str(ROOT / "docker-compose.yml"), "config", *args],
         capture_output=True,
