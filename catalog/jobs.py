@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from catalog.registry import Catalog, OneOf
 from catalog.requests import (
@@ -18,6 +18,14 @@ from catalog.requests import (
     ImportJobSpec,
     PretrainJobCreate,
 )
+
+
+class AuditPartSpec(BaseModel):
+    """An ``audit-part`` job: one part of its audit (``jobs.parent_id``), as
+    ``core.audit.audit_parts`` names it (``model-fc-round0``, ``reference-bp-round0``). The
+    model, dataset, config and reference are the audit's own."""
+
+    part: str = Field(min_length=1, max_length=64)
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,12 @@ JOB_KINDS: Catalog[JobKindSpec] = Catalog(
             spec=AuditJobCreate,
             task="bulwark.audit",
             has_report=True,
+        ),
+        JobKindSpec(
+            name="audit-part",
+            title="one attack of an audit crafted on any worker (internal: its audit shows it)",
+            spec=AuditPartSpec,
+            task="bulwark.audit_part",
         ),
         JobKindSpec(
             name="import",

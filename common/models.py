@@ -98,8 +98,9 @@ class Tenant(Base):
 
 
 class ApiKey(Base):
-    """A tenant's key, stored as its sha256: keys are 256-bit random, so no slow hash is
-    needed, and the key itself is shown once, at creation."""
+    """A tenant's key, stored as HMAC-SHA256 with the deployment's key secret (``hash_scheme``
+    ``hmac-sha256``; rows from before migration 0007 say ``sha256`` until first used). Keys are
+    256-bit random, so no slow hash is needed; the key itself is shown once, at creation."""
 
     __tablename__ = "api_keys"
 
@@ -111,6 +112,10 @@ class ApiKey(Base):
     prefix: Mapped[str] = mapped_column(String(16))  # the key's first characters, for humans
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
+    hash_scheme: Mapped[str] = mapped_column(
+        String(16), default="hmac-sha256", server_default="sha256"
+    )
+    last_used_at: Mapped[datetime | None]  # written at most once a minute per key
 
 
 class StoredModel(Base):
@@ -220,6 +225,11 @@ class Job(Base):
     finished_at: Mapped[datetime | None]
     # A deleted (finished) job keeps its row as a tombstone; its artifacts are removed.
     deleted_at: Mapped[datetime | None]
+    # The audit an ``audit-part`` job crafts a part of (worker.tasks: an audit fanned out
+    # across workers); None for every job a tenant submitted.
+    parent_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), index=True
+    )
 
     @validates("kind")
     def _known_kind(self, _key: str, kind: str) -> str:

@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DAY = 24 * 3600
@@ -45,6 +45,8 @@ class Settings(BaseSettings):
     # .onnx upload answers 415 pointing to torch.export.
     onnx_enabled: bool = False
     max_upload_bytes: int = Field(1 << 30, ge=1)  # 1 GiB: a ResNet-50 is about 100 MB
+    # Any request body but an upload (JSON): api.limits caps it before authentication.
+    max_json_body_bytes: int = Field(1 << 20, ge=1)
     # A job's lease: a worker renews it every lease_seconds / 3 while it runs; a running job
     # whose lease ran out belongs to a dead worker and may be taken over.
     lease_seconds: float = Field(60.0, gt=0)
@@ -56,6 +58,13 @@ class Settings(BaseSettings):
     sweep_interval_seconds: float = Field(30.0, gt=0)
     requeue_queued_after_seconds: float = Field(600.0, gt=0)
     progress_interval_seconds: float = Field(2.0, ge=0)  # at most one progress write per interval
+    # An audit of two or more attack parts (per attack, and per attack on the reference), not
+    # sequential, runs its parts as ``audit-part`` jobs on any free worker (worker.tasks).
+    audit_fan_out: bool = True
+    # ... when its crafting work (iterations x instances x poisons) is at least this: each
+    # part is a process that loads the model and data again (seconds), so below it one task
+    # is faster (docs/performance.md "Audits across workers").
+    audit_fan_out_min_work: int = Field(10_000, ge=0)
     task_soft_time_limit_seconds: int = Field(3 * DAY, ge=1)
     task_time_limit_seconds: int = Field(3 * DAY + 600, ge=1)
     # Redis redelivers a message that was not acknowledged within this time: it must be
@@ -76,6 +85,35 @@ class Settings(BaseSettings):
     # Loopback, private, link-local and multicast targets are refused unless this is set
     # (a tenant's URL must not reach the deployment's own network).
     webhook_allow_private_targets: bool = False
+    # API keys are stored as HMAC-SHA256(key_secret, key) (api.services.tenants): a database
+    # dump alone names no key. Unset: <data_dir>/key-secret, created on first use with mode
+    # 0600 (refused in production, as the signing key is).
+    key_secret: SecretStr | None = None
+    # Abuse limits (api.ratelimit, docs/service.md "Keys, limits and quotas"); 0 turns each
+    # off. Per tenant: a token bucket of rate_limit_burst requests refilled at
+    # rate_limit_per_second (in Redis when the broker is Redis, else in the API process).
+    rate_limit_per_second: float = Field(20.0, ge=0)
+    rate_limit_burst: int = Field(200, ge=0)
+    # Per client IP: after auth_failure_limit 401s within auth_failure_window_seconds, 429
+    # until the window ends.
+    auth_failure_limit: int = Field(30, ge=0)
+    auth_failure_window_seconds: float = Field(300.0, gt=0)
+    # Quotas per tenant: queued + running jobs (429: retry once one finishes), and bytes of
+    # stored models + datasets (413: delete something first).
+    max_active_jobs: int = Field(20, ge=0)
+    max_stored_bytes: int = Field(50 << 30, ge=0)  # 50 GiB
+    # Job sizes (422 naming the biggest factor): an audit's iterations x targets x poisons,
+    # a pre-training's epochs x images.
+    max_audit_work: int = Field(50_000_000, ge=0)  # the paper: 500 x 50 x 5 = 125,000
+    max_pretrain_work: int = Field(500_000_000, ge=0)  # the paper: 120 x 48,000
+    # GPUs one pre-training may ask for ("devices", core.distributed): a worker runs such a
+    # job only if its machine has that many (docs/performance.md). Above: 422.
+    max_devices_per_job: int = Field(1, ge=1, le=64)
+    # The API's database pool: pool + overflow should cover the API's threadpool (40 threads,
+    # AnyIO's default), so no request waits for a connection while a thread is free.
+    db_pool_size: int = Field(10, ge=1)
+    db_max_overflow: int = Field(30, ge=0)
+    db_pool_timeout_seconds: float = Field(10.0, gt=0)
 
     @model_validator(mode="after")
     def _production_needs_real_services(self) -> Self:

@@ -65,7 +65,7 @@ def record_job_event(session: Session, job_id: uuid.UUID) -> list[WebhookDeliver
     (pending changes are flushed first), so ``UPDATE`` statements and ORM changes both work.
     """
     job = session.get(Job, job_id, populate_existing=True)
-    if job is None:
+    if job is None or job.parent_id is not None:  # an audit's part is internal: its audit tells
         return []
     event = event_for(job.status)
     webhooks = session.scalars(

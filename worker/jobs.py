@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import socket
 import threading
@@ -26,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from functools import cache
 
 from celery import Celery
-from sqlalchemy import case, or_, select, update
+from sqlalchemy import Update, case, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from common.artifacts import (
@@ -211,6 +212,9 @@ def _finish(
     """Record the job's end; a failed or cancelled job fails the pending dataset it was
     reading, in the same transaction. Returns the ids of the datasets failed so."""
     now = utcnow()
+    parent_id = session.scalar(select(Job.parent_id).where(Job.id == job_id))
+    if parent_id is not None:  # an audit part: lock its audit first, as a cancel does
+        session.execute(select(Job.id).where(Job.id == parent_id).with_for_update())
     session.execute(
         update(Job)
         .where(Job.id == job_id)
@@ -231,8 +235,67 @@ def _finish(
     if status in (JobStatus.FAILED, JobStatus.CANCELLED):
         reason = error or f"its dataset job ended {status.value}: {message or phase}"
         failed = _fail_pending_datasets(session, job_id, reason)
+        _end_audit_with_part(session, job_id, status, error or message or phase)
+        stop_audit_parts(session, job_id)  # an audit that ended stops its parts
     session.commit()
     return failed
+
+
+def _end_audit_with_part(
+    session: Session, job_id: uuid.UUID, status: JobStatus, reason: str
+) -> None:
+    """An ``audit-part`` job that failed or was cancelled ends its audit the same way, with
+    the part's reason, and stops the audit's other parts; any other job matches nothing."""
+    part = session.execute(
+        select(Job.parent_id, Job.spec).where(Job.id == job_id, Job.parent_id.is_not(None))
+    ).one_or_none()
+    if part is None:
+        return
+    parent_id, name = part.parent_id, part.spec.get("part", "?")
+    now = utcnow()
+    failed = status == JobStatus.FAILED
+    ended = rows_matched(
+        session.execute(
+            update(Job)
+            .where(Job.id == parent_id, Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+            .values(
+                status=status,
+                phase="failed" if failed else "cancelled",
+                message="" if failed else f"cancelled: its part {name} was cancelled",
+                error=f"part {name}: {reason}" if failed else None,
+                finished_at=now,
+                updated_at=now,
+                lease_expires_at=None,
+                eta_seconds=None,
+            )
+        )
+    )
+    if ended:
+        record_job_event(session, parent_id)  # job.failed or job.cancelled of the audit
+    stop_audit_parts(session, parent_id)
+
+
+def stop_audit_parts(session: Session, parent_id: uuid.UUID) -> None:
+    """Cancel the audit's queued parts at once and flag its running ones (each stops at its
+    next progress step). Parts are internal: no webhook event. The caller commits."""
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(Job.parent_id == parent_id, Job.status == JobStatus.QUEUED)
+        .values(
+            status=JobStatus.CANCELLED,
+            phase="cancelled",
+            cancel_requested=True,
+            message="cancelled with its audit",
+            finished_at=now,
+            updated_at=now,
+        )
+    )
+    session.execute(
+        update(Job)
+        .where(Job.parent_id == parent_id, Job.status == JobStatus.RUNNING)
+        .values(cancel_requested=True, updated_at=now)
+    )
 
 
 def _fail_pending_datasets(session: Session, job_id: uuid.UUID, reason: str) -> list[uuid.UUID]:
@@ -281,13 +344,69 @@ def failure_message(error: Exception) -> tuple[str, bool]:
     the user can act on; out of memory says how to ask for less; anything else is ours.
     """
     if isinstance(error, BulwarkError):
-        return error.user_message, False
+        return tenant_safe(error.user_message), False
     if isinstance(error, JobFailedError):
-        return str(error), False
+        return tenant_safe(str(error)), False
+    if is_database_error(error):  # its text holds SQL and the statement's parameters
+        return INTERNAL_ERROR, True
     if is_out_of_memory(error):
-        return f"out of memory ({error}); resubmit with a smaller batch_size or model", False
+        return (
+            tenant_safe(f"out of memory ({error}); resubmit with a smaller batch_size or model"),
+            False,
+        )
     name = type(error).__name__
-    return f"internal error ({name}: {error}); the operators have the traceback in the logs", True
+    return (
+        tenant_safe(
+            f"internal error ({name}: {error}); the operators have the traceback in the logs"
+        ),
+        True,
+    )
+
+
+INTERNAL_ERROR = "internal error (logged); the operators have the traceback in the logs"
+MAX_ERROR_CHARS = 2000
+# Terminal escapes (colours from a library's log line), then any other control character.
+ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)|[@-Z\\-_])")
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# An absolute server path of two or more parts (/srv/bulwark/work/<job>/x.npz); the API's
+# own routes (/v1/..., /.well-known/...) are words a tenant may read.
+SERVER_PATH = re.compile(r"(?<![\w.:/~-])(?:~|/(?!v1/|\.well-known/))[\w.@+=-]*(?:/[\w.@+=-]+)+/?")
+
+
+def tenant_safe(message: str) -> str:
+    """``message`` as a tenant may read it: no terminal escapes or control characters, no
+    server paths (the work and data directories are nobody's business but the operators'),
+    one line of bounded length."""
+    text = ANSI_ESCAPE.sub("", message)
+    text = CONTROL_CHARACTERS.sub(" ", text).replace("\n", " ").replace("\t", " ")
+    text = SERVER_PATH.sub("<server path>", text)
+    text = " ".join(text.split())
+    if len(text) > MAX_ERROR_CHARS:
+        text = text[: MAX_ERROR_CHARS - 3] + "..."
+    return text or INTERNAL_ERROR
+
+
+def is_database_error(error: BaseException) -> bool:
+    """A SQLAlchemy or DBAPI (psycopg, sqlite3) error, anywhere in the exception's chain."""
+    import sqlite3
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    kinds: tuple[type[BaseException], ...] = (SQLAlchemyError, sqlite3.Error)
+    try:
+        import psycopg
+
+        kinds = (*kinds, psycopg.Error)
+    except ImportError:  # a deployment on SQLite only
+        pass
+    seen: BaseException | None = error
+    for _ in range(16):  # a bounded walk: chains can loop
+        if seen is None:
+            return False
+        if isinstance(seen, kinds):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -336,6 +455,10 @@ class Heartbeat:
                 .returning(Job.cancel_requested)
             )
             session.commit()
+            if cancel is not None:  # an audit part alive keeps its waiting audit's lease
+                # Its own transaction: locks are taken audit before part (as a cancel does).
+                session.execute(renew_waiting_audit(self.job_id, self.resources.settings))
+                session.commit()
         if cancel is None:  # re-queued by a sweep, or claimed by another worker: not ours
             self.lost.set()
         elif cancel:
@@ -348,6 +471,30 @@ class Heartbeat:
                 self.beat()
             except Exception:  # the database may blip; the lease has slack for that
                 logger.exception("heartbeat of job %s failed", self.job_id)
+
+
+WAITING_FOR_PARTS = "waiting for parts"
+
+
+def renew_waiting_audit(part_id: uuid.UUID, settings: Settings) -> Update:
+    """The statement that renews the lease of the audit ``part_id`` is a part of, while that
+    audit waits for its parts (running, held by no worker: ``worker.tasks``). Its lease is
+    only the fallback that re-sends it should the last part's message be lost, so it lasts
+    ``requeue_queued_after_seconds``; while a part is alive it does not run out."""
+    parent = select(Job.parent_id).where(Job.id == part_id).scalar_subquery()
+    return (
+        update(Job)
+        .where(
+            Job.id == parent,
+            Job.status == JobStatus.RUNNING,
+            Job.worker.is_(None),
+            # Not once its last part released it (``resume_audit`` changes the phase).
+            Job.phase == WAITING_FOR_PARTS,
+        )
+        .values(
+            lease_expires_at=utcnow() + timedelta(seconds=settings.requeue_queued_after_seconds)
+        )
+    )
 
 
 class ProgressWriter:
