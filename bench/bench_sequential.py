@@ -100,11 +100,13 @@ def main() -> int:
     split = SplitConfig(pretrain=args.pretrain_per_class, retrain=50, pool=150)
     data = load_dataset("fashion-mnist", args.data_dir)
     defenses = args.defenses.split(",")
-    for defense in sorted(set(defenses) | {"none"}, key=DEFENSES.index):
-        ensure_model(Variant(defense, defense), models / defense, data, args, split)
+    # The reference first; then each defense is pre-trained (resuming an interrupted run from
+    # its last epoch) just before its audits, so an interrupted benchmark keeps whole rows.
+    ensure_model(Variant("none", "none"), models / "none", data, args, split)
 
     rows: list[dict[str, Any]] = []
     for defense in defenses:
+        ensure_model(Variant(defense, defense), models / defense, data, args, split)
         row: dict[str, Any] = {"defense": defense}
         for mode in ("full", "sequential"):
             path = out / "reports" / f"{defense}-{mode}.json"

@@ -202,7 +202,9 @@ def test_a_card_carries_the_reports_numbers(client, make_tenant, clean_db) -> No
     assert "10 epochs, lr 0.1 (x0.1 after epochs [5, 8])" in card
     assert "Pre. Acc (clean test accuracy, measured): 95.12%" in card
     assert "separation 1.500 (Eq. 4a" in card
-    assert "**Verdict: FAIL** (policy confidence 95%" in card and report.verdict.reason in card
+    assert "**Verdict: FAIL** (policy, confidence 95%" in card and report.verdict.reason in card
+    # ... and the policy it was measured against.
+    assert 'Policy: `{"confidence":0.95,"default":{"max_asr":0.2},"attacks":{}}`' in card
     assert "Absolute ASR depends on the protocol" in card
 
 
