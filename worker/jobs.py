@@ -36,6 +36,7 @@ from common.artifacts import (
     dataset_upload_key,
     make_artifact_store,
 )
+from common.audit_parts import stop_audit_parts
 from common.db import make_engine, make_session_factory, rows_matched
 from common.models import DatasetStatus, Job, JobStatus, TenantDataset, utcnow
 from common.queue import task_name
@@ -273,29 +274,6 @@ def _end_audit_with_part(
     if ended:
         record_job_event(session, parent_id)  # job.failed or job.cancelled of the audit
     stop_audit_parts(session, parent_id)
-
-
-def stop_audit_parts(session: Session, parent_id: uuid.UUID) -> None:
-    """Cancel the audit's queued parts at once and flag its running ones (each stops at its
-    next progress step). Parts are internal: no webhook event. The caller commits."""
-    now = utcnow()
-    session.execute(
-        update(Job)
-        .where(Job.parent_id == parent_id, Job.status == JobStatus.QUEUED)
-        .values(
-            status=JobStatus.CANCELLED,
-            phase="cancelled",
-            cancel_requested=True,
-            message="cancelled with its audit",
-            finished_at=now,
-            updated_at=now,
-        )
-    )
-    session.execute(
-        update(Job)
-        .where(Job.parent_id == parent_id, Job.status == JobStatus.RUNNING)
-        .values(cancel_requested=True, updated_at=now)
-    )
 
 
 def _fail_pending_datasets(session: Session, job_id: uuid.UUID, reason: str) -> list[uuid.UUID]:

@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import uuid
-from datetime import datetime
 from typing import Any, Literal
 
 from celery import Celery
@@ -19,6 +18,7 @@ from api.ratelimit import check_active_jobs, check_audit_size, check_pretrain_si
 from api.schemas import JobPublic
 from catalog import DATASETS, JOB_KINDS, SplitConfig
 from common.artifacts import ArtifactStore, import_upload_key
+from common.audit_parts import stop_audit_parts
 from common.db import rows_matched
 from common.models import (
     DatasetStatus,
@@ -587,7 +587,7 @@ def request_cancel(session: Session, job_id: uuid.UUID, *, message: str) -> bool
     )
     if cancelled_queued or cancelled_waiting:
         record_job_event(session, job_id)  # committed by the caller with the cancellation
-        _stop_audit_parts(session, job_id, now)
+        stop_audit_parts(session, job_id, now)
         return True
     flagged = bool(
         rows_matched(
@@ -599,30 +599,8 @@ def request_cancel(session: Session, job_id: uuid.UUID, *, message: str) -> bool
         )
     )
     if flagged:
-        _stop_audit_parts(session, job_id, now)
+        stop_audit_parts(session, job_id, now)
     return flagged
-
-
-def _stop_audit_parts(session: Session, audit_id: uuid.UUID, now: datetime) -> None:
-    """A cancelled audit's parts: queued ones end now, running ones stop at their next
-    progress step (as worker.jobs.stop_audit_parts does when an audit ends on a worker)."""
-    session.execute(
-        update(Job)
-        .where(Job.parent_id == audit_id, Job.status == JobStatus.QUEUED)
-        .values(
-            status=JobStatus.CANCELLED,
-            phase="cancelled",
-            cancel_requested=True,
-            message="cancelled with its audit",
-            finished_at=now,
-            updated_at=now,
-        )
-    )
-    session.execute(
-        update(Job)
-        .where(Job.parent_id == audit_id, Job.status == JobStatus.RUNNING)
-        .values(cancel_requested=True, updated_at=now)
-    )
 
 
 def get_report(*, session: Session, tenant: Tenant, job_id: uuid.UUID) -> Report:
