@@ -11,6 +11,10 @@ from sqlalchemy.orm import Session
 
 from common.models import Job, JobStatus, utcnow
 
+# The phase of an audit that gave its worker slot back while its parts run: held by no
+# worker, it is cancelled at once rather than flagged.
+WAITING_FOR_PARTS = "waiting for parts"
+
 
 def stop_audit_parts(session: Session, audit_id: uuid.UUID, now: datetime | None = None) -> None:
     """Cancel the audit's queued parts at once and flag its running ones (each stops at its

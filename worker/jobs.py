@@ -36,7 +36,7 @@ from common.artifacts import (
     dataset_upload_key,
     make_artifact_store,
 )
-from common.audit_parts import stop_audit_parts
+from common.audit_parts import WAITING_FOR_PARTS, stop_audit_parts
 from common.db import make_engine, make_session_factory, rows_matched
 from common.models import DatasetStatus, Job, JobStatus, TenantDataset, utcnow
 from common.queue import task_name
@@ -449,9 +449,6 @@ class Heartbeat:
                 self.beat()
             except Exception:  # the database may blip; the lease has slack for that
                 logger.exception("heartbeat of job %s failed", self.job_id)
-
-
-WAITING_FOR_PARTS = "waiting for parts"
 
 
 def renew_waiting_audit(part_id: uuid.UUID, settings: Settings) -> Update:

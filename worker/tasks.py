@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 from catalog import JOB_KINDS, JobKindSpec
 from catalog.jobs import AuditPartSpec
 from common.artifacts import model_manifest_key, model_program_key, model_weights_key
+from common.audit_parts import WAITING_FOR_PARTS
 from common.db import rows_matched
 from common.models import (
     Job,
@@ -55,7 +56,6 @@ from core.progress import Progress
 from worker.celery_app import app
 from worker.datasets import fetch_dataset, import_dataset
 from worker.jobs import (
-    WAITING_FOR_PARTS,
     Heartbeat,
     JobCancelledError,
     JobFailedError,

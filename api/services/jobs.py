@@ -18,7 +18,7 @@ from api.ratelimit import check_active_jobs, check_audit_size, check_pretrain_si
 from api.schemas import JobPublic
 from catalog import DATASETS, JOB_KINDS, SplitConfig
 from common.artifacts import ArtifactStore, import_upload_key
-from common.audit_parts import stop_audit_parts
+from common.audit_parts import WAITING_FOR_PARTS, stop_audit_parts
 from common.db import rows_matched
 from common.models import (
     DatasetStatus,
@@ -572,7 +572,12 @@ def request_cancel(session: Session, job_id: uuid.UUID, *, message: str) -> bool
     cancelled_waiting = not cancelled_queued and rows_matched(
         session.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.RUNNING, Job.worker.is_(None))
+            .where(
+                Job.id == job_id,
+                Job.status == JobStatus.RUNNING,
+                Job.phase == WAITING_FOR_PARTS,
+                Job.worker.is_(None),
+            )
             .values(
                 status=JobStatus.CANCELLED,
                 phase="cancelled",

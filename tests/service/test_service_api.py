@@ -254,7 +254,7 @@ def test_list_jobs_paginates_and_filters(client, make_tenant, clean_db) -> None:
     # Kinds come from the catalog: an unknown one is a 422 listing the valid ones.
     bad = client.get("/v1/jobs?kind=sleep", headers=tenant.headers)
     assert bad.status_code == 422 and problem_errors(bad)[0]["loc"] == ["query", "kind"]
-    assert "pretrain, audit, import" in problem_errors(bad)[0]["msg"]
+    assert "pretrain, audit, audit-part, import" in problem_errors(bad)[0]["msg"]
     assert client.get("/v1/jobs?kind=import", headers=tenant.headers).json()["total"] == 0
 
 
