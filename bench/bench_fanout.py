@@ -18,9 +18,6 @@ import argparse
 import os
 import platform
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from benchkit import Process, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -59,49 +57,6 @@ def machine_line() -> str:
         f"{model}; {os.cpu_count()} cores; flags {' '.join(wanted) or 'none of avx2/avx512'}; "
         f"matmul fp32 1 thread {rate / 1e9:.1f} GFLOP/s; load {load[0]:.2f} {load[1]:.2f}"
     )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Process:
-    """A `bulwark` command in its own process group, its output in a log file."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bulwark.cli", *args],
-            cwd=ROOT,
-            env=env,
-            start_new_session=True,
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
-        )
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
-
-
-def wait_for(predicate: Any, *, timeout: float, what: str, interval: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise SystemExit(f"timed out after {timeout} s waiting for {what}")
 
 
 def start_workers(count: int, env: dict[str, str], logs: Path, tag: str) -> list[Process]:

@@ -27,15 +27,13 @@ import argparse
 import asyncio
 import os
 import random
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+
+from benchkit import Process, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -45,55 +43,15 @@ from bench_sequential import cpu_line  # noqa: E402
 HOST = "127.0.0.1"
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return int(probe.getsockname()[1])
-
-
 def percentile(values: list[float], share: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
-
-
-class Service:
-    """A ``bulwark`` command in its own process group, its output in a log file."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.log = log
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "bulwark.cli", *args],
-            cwd=ROOT,
-            env=env,
-            start_new_session=True,
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
-        )
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(timeout=10)
 
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (Linux /proc), in seconds."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.25)
-    raise SystemExit(f"timed out after {timeout} s waiting for {what}")
 
 
 async def poll(
@@ -176,7 +134,7 @@ def main() -> int:
     broker = redis.Redis.from_url(args.redis)
     broker.flushdb()
     folder = Path(tempfile.mkdtemp(prefix="bench-polling-"))
-    services: list[Service] = []
+    services: list[Process] = []
     engine = make_engine(url)
     try:
         migrate.upgrade(engine)
@@ -199,13 +157,13 @@ def main() -> int:
         port = free_port()
         base = f"http://{HOST}:{port}"
         services.append(
-            Service(
+            Process(
                 ["serve", "--no-worker", "--host", HOST, "--port", str(port)],
                 env,
                 folder / "serve.log",
             )
         )
-        services.append(Service(["worker", "--loglevel=WARNING"], env, folder / "worker.log"))
+        services.append(Process(["worker", "--loglevel=WARNING"], env, folder / "worker.log"))
         import httpx
 
         def healthy() -> bool:
@@ -214,7 +172,7 @@ def main() -> int:
             except httpx.HTTPError:
                 return False
 
-        wait_until(healthy, 90, "bulwark serve")
+        wait_for(healthy, timeout=90, what="bulwark serve")
         jobs: list[tuple[str, str]] = []
         with make_session_factory(engine)() as session:
             for index in range(args.tenants):
@@ -241,7 +199,7 @@ def main() -> int:
                     is not None
                 )
 
-        wait_until(running, 120, "the worker to start a job")
+        wait_for(running, timeout=120, what="the worker to start a job")
         print(f"a job is running; {args.pollers} pollers for {args.seconds:g} s", flush=True)
         api_pid = services[0].process.pid
         api_cpu = cpu_seconds(api_pid)
