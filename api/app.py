@@ -22,7 +22,8 @@ from api.routes import (
     signing,
     webhooks,
 )
-from api.services.tenants import load_key_secret
+from api.services.jobs import JobBodyCache
+from api.services.tenants import KeyCache, load_key_secret
 from api.webhook_pump import webhook_lifespan
 from common.artifacts import make_artifact_store
 from common.db import make_engine, make_session_factory
@@ -68,10 +69,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     engine = make_engine(settings.resolved_database_url, **engine_options)
     app.state.key_secret = key_secret
+    app.state.key_cache = KeyCache(settings.auth_cache_seconds)
+    app.state.job_bodies = JobBodyCache()
     app.state.limiter = Limiter.from_settings(settings)
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
+    app.state.read_session_factory = make_session_factory(
+        engine.execution_options(isolation_level="AUTOCOMMIT")
+    )
     app.state.store = make_artifact_store(settings)
     app.state.celery = make_celery(settings)
     app.state.signing_key = signing_key

@@ -76,17 +76,21 @@ bearer_scheme = HTTPBearer(
 )
 
 
+# The scheme as a dependency: async and cheap (no thread hop); it only documents the scheme.
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)]
+
+
 READ_METHODS = frozenset({"GET", "HEAD"})
 
 
-def current_tenant(
-    request: Request,
-    session: SessionDep,
-    _: Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)],
-) -> Tenant:
+def authenticate_request(request: Request, session: Session, *, cached: bool = False) -> Tenant:
     """The key's tenant, after the abuse limits (``api.ratelimit``): a client IP throttled for
     wrong keys gets 429 before its key is looked at, a wrong key counts against its IP, and
-    the tenant's request rate is checked last. ``request.state.api_key_id`` names the key."""
+    the tenant's request rate is checked last. ``request.state.api_key_id`` names the key.
+
+    Blocking (Redis and the database): a dependency runs it in the thread pool, and the
+    status poll runs it with its own read in one hop there (``api.routes.jobs.get_job``),
+    ``cached``: through the process's :class:`~api.services.tenants.KeyCache`."""
     limiter: Limiter = request.app.state.limiter
     client = request.client.host if request.client else "unknown"
     limiter.check_client(client)
@@ -99,6 +103,7 @@ def current_tenant(
             # A request with a body may be slow to send it: hold no connection meanwhile.
             # A read (a status poll above all) keeps its connection for its own statement.
             release=request.method not in READ_METHODS,
+            cache=request.app.state.key_cache if cached else None,
         )
     except NotAuthenticatedError:
         if key is not None:  # a guess; a missing key is a client that forgot
@@ -107,6 +112,15 @@ def current_tenant(
     limiter.check_rate(authenticated.tenant)
     request.state.api_key_id = authenticated.key_id
     return authenticated.tenant
+
+
+def current_tenant(
+    request: Request,
+    session: SessionDep,
+    _: BearerDep,
+) -> Tenant:
+    """The request's tenant (:func:`authenticate_request`), as a dependency."""
+    return authenticate_request(request, session)
 
 
 CurrentTenant = Annotated[Tenant, Depends(current_tenant)]

@@ -89,6 +89,10 @@ class Settings(BaseSettings):
     # dump alone names no key. Unset: <data_dir>/key-secret, created on first use with mode
     # 0600 (refused in production, as the signing key is).
     key_secret: SecretStr | None = None
+    # A status poll (GET /v1/jobs/{id}) trusts a key this API process authenticated within
+    # auth_cache_seconds (api.services.tenants.KeyCache): a key revoked elsewhere can still
+    # read job states here that long. 0: every request looks its key up.
+    auth_cache_seconds: float = Field(5.0, ge=0, le=300)
     # Abuse limits (api.ratelimit, docs/service.md "Keys, limits and quotas"); 0 turns each
     # off. Per tenant: a token bucket of rate_limit_burst requests refilled at
     # rate_limit_per_second (in Redis when the broker is Redis, else in the API process).

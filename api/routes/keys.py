@@ -49,6 +49,7 @@ def rotate_key(
     created = tenant_service.rotate_key(
         session=session, tenant=tenant, current_key_id=current, secret=request.app.state.key_secret
     )
+    request.app.state.key_cache.clear()  # the old key stops here at once, polls too
     response.headers["Cache-Control"] = "no-store"
     return NewKeyPublic(
         id=created.key.id,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
+import threading
 import uuid
+from datetime import datetime
 from typing import Any, Literal
 
 from celery import Celery
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -435,20 +436,73 @@ def _same_request_or_conflict(job: Job, kind: str, spec: dict[str, Any]) -> Job:
     return job
 
 
+def _visible(tenant: Tenant, tenant_id: uuid.UUID, parent_id: object, deleted_at: object) -> bool:
+    """Whether a job row is the tenant's to see: its own, not deleted, not an audit's part
+    (a part is internal: its audit shows its progress)."""
+    return tenant_id == tenant.id and deleted_at is None and parent_id is None
+
+
 def get_job(*, session: Session, tenant: Tenant, job_id: uuid.UUID) -> Job:
     """The tenant's job; a deleted one, another tenant's or a missing one is a 404."""
     job = session.get(Job, job_id)
-    if job is None or job.tenant_id != tenant.id or job.deleted_at is not None:
-        raise NotFoundError(f"no job {job_id}")
-    if job.parent_id is not None:  # an audit's part is internal: its audit shows its progress
+    if job is None or not _visible(tenant, job.tenant_id, job.parent_id, job.deleted_at):
         raise NotFoundError(f"no job {job_id}")
     return job
 
 
-def job_etag(public: JobPublic) -> str:
-    """A strong ETag of the job as served: the sha256 of its public JSON, keys sorted."""
-    text = json.dumps(public.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
-    return '"' + hashlib.sha256(text.encode()).hexdigest()[:32] + '"'
+class JobBodyCache:
+    """The public JSON of recently polled jobs, each under the ``updated_at`` it was read at.
+
+    Every write to a job row sets ``updated_at`` (the column's ``onupdate``, which SQLAlchemy
+    applies to ORM flushes and Core ``update(Job)`` alike), so a body stored under the row's
+    current ``updated_at`` is the job as it is: a poll of an unchanged job reads four columns
+    by primary key instead of the whole row, its JSON and the response model.
+    """
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        self.max_entries = max_entries
+        self._entries: dict[uuid.UUID, tuple[datetime, bytes]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, job_id: uuid.UUID, updated_at: datetime) -> bytes | None:
+        with self._lock:
+            entry = self._entries.get(job_id)
+        return entry[1] if entry is not None and entry[0] == updated_at else None
+
+    def put(self, job_id: uuid.UUID, updated_at: datetime, body: bytes) -> None:
+        with self._lock:
+            self._entries.pop(job_id, None)
+            while len(self._entries) >= self.max_entries:  # the least recently stored
+                del self._entries[next(iter(self._entries))]
+            self._entries[job_id] = (updated_at, body)
+
+
+JOB_VERSION = select(Job.tenant_id, Job.parent_id, Job.deleted_at, Job.updated_at).where(
+    Job.id == bindparam("job_id")
+)
+
+
+def job_body(*, session: Session, tenant: Tenant, job_id: uuid.UUID, cache: JobBodyCache) -> bytes:
+    """The tenant's job as ``GET /v1/jobs/{id}`` serves it (its public JSON); 404 as
+    :func:`get_job`. An unchanged job's body comes from ``cache``."""
+    version = session.execute(JOB_VERSION, {"job_id": job_id}).first()
+    if version is None or not _visible(
+        tenant, version.tenant_id, version.parent_id, version.deleted_at
+    ):
+        raise NotFoundError(f"no job {job_id}")
+    body = cache.get(job_id, version.updated_at)
+    if body is None:
+        job = get_job(session=session, tenant=tenant, job_id=job_id)
+        body = job_public(job).model_dump_json().encode()
+        cache.put(job_id, job.updated_at, body)
+    return body
+
+
+def job_etag(body: bytes) -> str:
+    """A strong ETag of the job as served: the sha256 of its public JSON (the body itself:
+    the model's field order and Postgres's JSONB key order make it the same bytes for the
+    same job)."""
+    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
 
 
 def etag_matches(if_none_match: str | None, etag: str) -> bool:

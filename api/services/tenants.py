@@ -15,6 +15,8 @@ import hashlib
 import hmac
 import os
 import secrets
+import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, timedelta
@@ -147,6 +149,47 @@ def create_api_key(*, session: Session, tenant: Tenant, secret: bytes) -> NewKey
     return NewKey(key=row, api_key=key)
 
 
+class KeyCache:
+    """Keys recently authenticated by this API process, by their HMAC, for ``ttl`` seconds.
+
+    Only the status poll reads it (``api.routes.jobs.get_job``): pollers are most of the
+    traffic, and the key and tenant lookup was half of a poll's cost. A key revoked elsewhere
+    (``bulwark tenants revoke``, or a rotation in another API process) still reads job states
+    here for at most ``ttl`` seconds; every other route, and every write, looks the key up.
+    Entries hold the tenant as read (detached); the poll uses its id alone.
+    """
+
+    def __init__(self, ttl: float, max_entries: int = 10_000) -> None:
+        self.ttl, self.max_entries = ttl, max_entries
+        self._entries: dict[str, tuple[float, Authenticated]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> Authenticated | None:
+        if self.ttl <= 0:
+            return None
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is None or entry[0] < time.monotonic():
+                return None
+            return entry[1]
+
+    def put(self, digest: str, authenticated: Authenticated) -> None:
+        if self.ttl <= 0:
+            return
+        with self._lock:
+            if len(self._entries) >= self.max_entries:  # expired first, then the oldest
+                now = time.monotonic()
+                self._entries = {d: e for d, e in self._entries.items() if e[0] >= now}
+                while len(self._entries) >= self.max_entries:
+                    del self._entries[next(iter(self._entries))]
+            self._entries[digest] = (time.monotonic() + self.ttl, authenticated)
+
+    def clear(self) -> None:
+        """Forget every key (a rotation in this process: the old key must stop at once)."""
+        with self._lock:
+            self._entries.clear()
+
+
 def bearer_key(authorization: str | None) -> str | None:
     """The key of a ``Bearer`` Authorization header value, or None without one."""
     scheme, _, key = (authorization or "").partition(" ")
@@ -171,7 +214,12 @@ KEY_AND_TENANT = (
 
 
 def authenticate(
-    *, session: Session, key: str | None, secret: bytes, release: bool = True
+    *,
+    session: Session,
+    key: str | None,
+    secret: bytes,
+    release: bool = True,
+    cache: KeyCache | None = None,
 ) -> Authenticated:
     """The tenant owning an unrevoked ``key``; 401 otherwise (the same answer for a missing,
     unknown or revoked key). Commits when it writes: an old sha256 row is upgraded to the
@@ -180,11 +228,14 @@ def authenticate(
     statements run on the same connection (one checkout for a status poll).
 
     The row is found by its digest (an index lookup on a keyed hash, which tells an attacker
-    nothing about near misses) and then compared again with ``hmac.compare_digest``.
+    nothing about near misses) and then compared again with ``hmac.compare_digest``. With a
+    ``cache`` (:class:`KeyCache`), a key it holds is answered from there without a statement.
     """
     if key is None:
         raise NotAuthenticatedError("missing API key: send 'Authorization: Bearer <key>'")
     digest, legacy = key_digest(secret, key), legacy_digest(key)
+    if cache is not None and (cached := cache.get(digest)) is not None:
+        return cached
     found = session.execute(KEY_AND_TENANT, {"digest": digest, "legacy": legacy}).first()
     row, tenant = found if found is not None else (None, None)
     expected = digest if row is None or row.hash_scheme == HMAC_SCHEME else legacy
@@ -218,7 +269,10 @@ def authenticate(
         # first statement, so a request that then waits (for a body upload) holds none
         # meanwhile. A commit, not a rollback: a rollback would expire the tenant just read.
         session.commit()
-    return Authenticated(tenant=tenant, key_id=row.id)
+    authenticated = Authenticated(tenant=tenant, key_id=row.id)
+    if cache is not None:
+        cache.put(digest, authenticated)
+    return authenticated
 
 
 def rotate_key(

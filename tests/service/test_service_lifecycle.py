@@ -271,6 +271,44 @@ def test_a_job_read_carries_an_etag_and_if_none_match_is_304(client, make_tenant
     problem(response, 404)
 
 
+def test_a_poll_sees_every_write_to_its_job(client, make_tenant, clean_db) -> None:
+    """The poll serves an unchanged job's body from JobBodyCache: a write by any path (the
+    ORM, a Core update as the worker's progress and sweep make) must show at the next poll."""
+    tenant = make_tenant("a")
+    job_id = client.post("/v1/jobs/pretrain", headers=tenant.headers, json=PRETRAIN).json()["id"]
+
+    def poll() -> dict[str, Any]:
+        response = client.get(f"/v1/jobs/{job_id}", headers=tenant.headers)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    first = poll()
+    assert poll() == first  # from the cache
+    with Session(clean_db) as session:
+        session.execute(
+            update(Job)
+            .where(Job.id == uuid.UUID(job_id))
+            .values(status=JobStatus.RUNNING, phase="epoch 1/2", progress=0.25)
+        )
+        session.commit()
+    second = poll()
+    assert (second["status"], second["phase"], second["progress"]) == ("running", "epoch 1/2", 0.25)
+    assert second["updated_at"] != first["updated_at"]
+    with Session(clean_db) as session:
+        job = session.get(Job, uuid.UUID(job_id))
+        assert job is not None
+        job.message = "half way"
+        session.commit()
+    assert poll()["message"] == "half way"
+    # Deleted after a cached read: 404, not the cached body.
+    with Session(clean_db) as session:
+        session.execute(
+            update(Job).where(Job.id == uuid.UUID(job_id)).values(deleted_at=datetime.now(UTC))
+        )
+        session.commit()
+    problem(client.get(f"/v1/jobs/{job_id}", headers=tenant.headers), 404)
+
+
 def test_lists_filter_and_sort(client, make_tenant, clean_db) -> None:
     tenant = make_tenant("a")
     base = datetime(2026, 1, 1, tzinfo=UTC)

@@ -295,6 +295,47 @@ def test_keys_are_revoked_with_the_cli(client, make_tenant, clean_db, settings) 
     assert unknown.returncode == 1 and "no tenant named 'nobody'" in unknown.stderr
 
 
+def test_a_poll_trusts_a_key_it_authenticated_for_auth_cache_seconds_only(
+    make_tenant, clean_db, settings, clean_redis
+) -> None:
+    """A status poll reads its key from the API process's KeyCache: a key revoked elsewhere
+    (the CLI) still polls for at most auth_cache_seconds; every other route stops at once."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from api.app import create_app
+
+    tenant = make_tenant("polling")
+    cached = settings.model_copy(update={"auth_cache_seconds": 1.0})
+    app = create_app(cached)
+    with TestClient(app) as client:
+        job = client.post("/v1/jobs/pretrain", json=PRETRAIN, headers=tenant.headers).json()["id"]
+        assert client.get(f"/v1/jobs/{job}", headers=tenant.headers).status_code == 200
+        revoked_at = time.monotonic()
+        assert tenants_cli(cached, "revoke", "polling").returncode == 0
+        problem(client.get("/v1/jobs", headers=tenant.headers), 401)
+        deadline = revoked_at + 30
+        while client.get(f"/v1/jobs/{job}", headers=tenant.headers).status_code == 200:
+            assert time.monotonic() < deadline, "the revoked key kept polling"
+            time.sleep(0.05)
+        # The CLI starts a Python process: the poll stopped at most a second after it ended.
+        problem(client.get(f"/v1/jobs/{job}", headers=tenant.headers), 401)
+        # A wrong key is never cached: it counts as a failure every time.
+        wrong = {"Authorization": "Bearer bwk_" + "x" * 43}
+        problem(client.get(f"/v1/jobs/{job}", headers=wrong), 401)
+    app.state.engine.dispose()
+    # Without the cache (0) a revoked key stops polling at once.
+    other = make_tenant("uncached")
+    app = create_app(settings.model_copy(update={"auth_cache_seconds": 0.0}))
+    with TestClient(app) as client:
+        job = client.post("/v1/jobs/pretrain", json=PRETRAIN, headers=other.headers).json()["id"]
+        assert client.get(f"/v1/jobs/{job}", headers=other.headers).status_code == 200
+        assert tenants_cli(settings, "revoke", "uncached").returncode == 0
+        problem(client.get(f"/v1/jobs/{job}", headers=other.headers), 401)
+    app.state.engine.dispose()
+
+
 def test_a_tenant_rotates_its_own_key(client, make_tenant) -> None:
     tenant, other = make_tenant("rotating"), make_tenant("other")
     job = client.post("/v1/jobs/pretrain", json=PRETRAIN, headers=tenant.headers).json()["id"]

@@ -123,7 +123,7 @@ def test_database_and_broker_errors_anywhere_in_a_request_are_503(
     def broker_down(**_: Any) -> Any:
         raise kombu.exceptions.OperationalError("Error 111 connecting to 127.0.0.1:6379")
 
-    monkeypatch.setattr(job_service, "get_job", broker_down)
+    monkeypatch.setattr(job_service, "job_body", broker_down)
     response = client.get(f"/v1/jobs/{uuid.uuid4()}", headers=tenant.headers)
     assert problem(response, 503)["type"].endswith("/queue-unavailable")
     assert "6379" not in response.text and response.headers["Retry-After"]
