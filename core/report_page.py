@@ -466,7 +466,7 @@ def _verdict_section(verdict: Verdict) -> list[str]:
             _bound_cell(check, check.threshold),
             _bound_cell(check, check.observed),
             f"[{_bound_cell(check, check.lower)}, {_bound_cell(check, check.upper)}]",
-            check.outcome,
+            check.outcome + (f" ({check.note})" if check.note else ""),
         )
         for check in verdict.checks
     ]

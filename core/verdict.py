@@ -19,7 +19,12 @@ policy's confidence:
   model's lower bound over the reference's upper bound and above by the model's upper bound
   over the reference's lower bound, each at half the error (union bound), the upper infinite
   when the reference's lower bound is 0: a reference the attack may not beat at all cannot
-  show that the model resists better. Not checked without a reference.
+  show that the model resists better. Not checked without a reference. Where the reference
+  itself resists the attack (its own ASR above baseline, or its ASR where the policy sets no
+  baseline threshold, bounded at or below the policy's absolute threshold), the check passes
+  with that note unless its bounds fail it: there is nothing for the model to halve, and the
+  absolute thresholds judge the model (a near-zero rate over a near-zero rate is undecidable
+  at any audit size).
 
 Every rate is the report's headline: ASR among the targets the clean model classifies
 correctly (``AttackResult.headline``), where the report has it.
@@ -40,20 +45,21 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from statistics import NormalDist
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
 from catalog.policy import DEFAULT_POLICY, Policy
 
 if TYPE_CHECKING:
-    from core.report import AttackResult, AuditReport, UnionResult
+    from core.report import AttackResult, AuditReport, Rate, UnionResult
 
 # The name the union of the attacks' successes goes by in checks, comparisons and tables; it
 # is checked like an attack under the policy's default thresholds.
 UNION = "union"
 
 Outcome = Literal["pass", "fail", "inconclusive"]
+ResultT = TypeVar("ResultT", "AttackResult", "UnionResult")
 ThresholdName = Literal["max_asr", "max_asr_above_baseline", "max_asr_relative_to_reference"]
 
 
@@ -113,6 +119,9 @@ class Check(_Part):
     lower: float | None
     upper: float | None
     outcome: Outcome
+    # Why a check passed without its bounds deciding it: a reference ratio where the
+    # reference itself resisted the attack (there was nothing for the model to reduce).
+    note: str | None = None
 
 
 class Verdict(_Part):
@@ -188,6 +197,21 @@ def _checks(
             observed = asr.rate / ref.rate if ref.rate > 0 else math.inf
             lower = asr_low / ref_high if ref_high > 0 else math.inf
             upper = asr_high / ref_low if ref_low > 0 else math.inf
+            resisted = _reference_resisted(attack, reference, policy, z)
+            if resisted is not None and _outcome(lower, upper, threshold) != "fail":
+                checks.append(
+                    Check(
+                        attack=attack,
+                        name=check_name,
+                        threshold=threshold,
+                        observed=_finite(observed),
+                        lower=_finite(lower),
+                        upper=_finite(upper),
+                        outcome="pass",
+                        note=resisted,
+                    )
+                )
+                continue
         checks.append(
             Check(
                 attack=attack,
@@ -200,6 +224,39 @@ def _checks(
             )
         )
     return checks
+
+
+def _reference_resisted(
+    attack: str, reference: AttackResult | UnionResult, policy: Policy, z: float
+) -> str | None:
+    """Why the reference ratio has nothing to judge, or None when it has.
+
+    The ratio asks whether the model resists the attack better than the undefended reference;
+    where the reference itself is shown to resist it (its own ASR above baseline, or ASR,
+    bounded at or below the policy's absolute threshold for the attack), there is nothing to
+    reduce, and the model is judged by the absolute thresholds alone: a near-zero rate over a
+    near-zero rate is undecidable at any audit size and would keep every verdict open.
+    A policy without an absolute threshold keeps the ratio as it is.
+    """
+    thresholds = policy.thresholds_for(attack)
+    ref, baseline = reference.headline, reference.headline_baseline
+    if "max_asr_above_baseline" in thresholds:
+        limit = thresholds["max_asr_above_baseline"]
+        discordant = reference.discordant
+        upper = (
+            wilson_interval(discordant[0], ref.trials, z)[1]
+            if discordant is not None
+            else wilson_interval(ref.successes, ref.trials, z)[1] - baseline.rate
+        )
+        what = "ASR above baseline"
+    elif "max_asr" in thresholds:
+        limit, upper = thresholds["max_asr"], wilson_interval(ref.successes, ref.trials, z)[1]
+        what = "ASR"
+    else:
+        return None
+    if ref.trials == 0 or upper > limit:
+        return None
+    return f"the reference resists it too: its {what} is at most {_pct(upper)}"
 
 
 def _pct(value: float) -> str:
@@ -238,6 +295,8 @@ def _reason(check: Check, confidence: float) -> str:
     )
     if check.outcome == "fail":
         return f"{head}, its {level} lower bound {show(check.lower)} is above the threshold."
+    if check.outcome == "pass" and check.note is not None:
+        return f"{head}: not judged by the ratio, as {check.note}."
     if check.outcome == "pass":
         return (
             f"{head}, its {level} upper bound {show(check.upper)} is at or below the "
@@ -252,8 +311,13 @@ def _reason(check: Check, confidence: float) -> str:
 
 def decide(report: AuditReport, policy: Policy, *, version: int | None = None) -> Verdict:
     """The verdict of ``report`` under ``policy`` (see the module docstring); the verdict
-    records the policy and ``version``, its stored version (None: not a stored policy)."""
+    records the policy and ``version``, its stored version (None: not a stored policy).
+
+    A sequential audit's report is decided at its per-look confidence, the last look like
+    the others: that is what keeps the chance that any of its looks decides wrongly within
+    the policy's (Bonferroni), whether it stopped early or ran every round."""
     reference = report.reference
+    sequential = report.sequential
     return decide_results(
         report.attacks,
         reference.attacks if reference is not None else {},
@@ -261,6 +325,7 @@ def decide(report: AuditReport, policy: Policy, *, version: int | None = None) -
         version=version,
         union=report.union,
         reference_union=reference.union if reference is not None else None,
+        confidence=sequential.look_confidence if sequential is not None else None,
     )
 
 
@@ -272,11 +337,13 @@ def decide_results(
     version: int | None = None,
     union: UnionResult | None = None,
     reference_union: UnionResult | None = None,
+    confidence: float | None = None,
 ) -> Verdict:
     """:func:`decide` on per-attack results and the reference's (empty: no reference), and
     the union over the attacks where there is one; a sequential audit decides on the rounds
-    run so far with this."""
-    z = one_sided_z(policy.confidence)
+    run so far with this, at its per-look ``confidence`` (None: the policy's)."""
+    confidence = policy.confidence if confidence is None else confidence
+    z = one_sided_z(confidence)
     checks = [
         check
         for attack, result in attacks.items()
@@ -291,7 +358,7 @@ def decide_results(
             reason="No threshold of the policy applies to the attacks the audit ran "
             f"({', '.join(attacks) or 'none'}).",
             checks=[],
-            confidence=policy.confidence,
+            confidence=confidence,
             policy=policy,
             policy_version=version,
         )
@@ -304,15 +371,82 @@ def decide_results(
         # Otherwise the check closest to failing: the upper bound furthest above its threshold
         # (an inconclusive one, if any is).
         outcome = "inconclusive" if any(c.outcome == "inconclusive" for c in checks) else "pass"
-        deciding = max(checks, key=lambda c: _bound(c.upper) - c.threshold)
+        # A check passed by its note (a resisting reference) explains nothing by its bounds.
+        bounded = [c for c in checks if c.note is None] or checks
+        deciding = max(bounded, key=lambda c: _bound(c.upper) - c.threshold)
     return Verdict(
         outcome=outcome,
-        reason=_reason(deciding, policy.confidence),
+        reason=_reason(deciding, confidence),
         checks=checks,
-        confidence=policy.confidence,
+        confidence=confidence,
         policy=policy,
         policy_version=version,
     )
+
+
+def _scaled_rate(rate: Rate, factor: float) -> Rate:
+    successes, trials = round(rate.successes * factor), round(rate.trials * factor)
+    return rate.model_copy(
+        update={
+            "successes": successes,
+            "trials": trials,
+            "rate": successes / trials if trials else 0.0,
+            "wilson95": wilson_interval(successes, trials),
+        }
+    )
+
+
+def _projected(result: ResultT, factor: float) -> ResultT:
+    """``result`` with its counts multiplied by ``factor`` and its rates kept: what an audit
+    ``factor`` times as large would see if its other instances went as these did."""
+    from core.report import UnionResult  # core.report imports this module
+
+    pairs = result.discordant
+    discordant = None if pairs is None else (round(pairs[0] * factor), round(pairs[1] * factor))
+    update: dict[str, object]
+    if isinstance(result, UnionResult):
+        update = {
+            "asr": _scaled_rate(result.headline, factor),
+            "baseline": _scaled_rate(result.headline_baseline, factor),
+        }
+    else:
+        update = {
+            "asr_correct_targets": _scaled_rate(result.headline, factor),
+            "baseline_correct_targets": _scaled_rate(result.headline_baseline, factor),
+        }
+    return result.model_copy(update={**update, "discordant": discordant})
+
+
+def futile(
+    attacks: Mapping[str, AttackResult],
+    references: Mapping[str, AttackResult],
+    policy: Policy,
+    *,
+    factor: float,
+    confidence: float,
+    union: UnionResult | None = None,
+    reference_union: UnionResult | None = None,
+) -> bool:
+    """Whether an undecided sequential audit should stop for futility: with ``factor`` times
+    its instances so far (all it planned) at the rates it has seen, its verdict at
+    ``confidence`` would still be inconclusive. Stopping then costs the verdict nothing it
+    was going to have, unless the rates of the instances still to craft differ from these;
+    the stopped audit's verdict stays inconclusive, as the full one's most likely would."""
+
+    def scaled(results: Mapping[str, AttackResult]) -> dict[str, AttackResult]:
+        return {name: _projected(result, factor) for name, result in results.items()}
+
+    projected = decide_results(
+        scaled(attacks),
+        scaled(references),
+        policy,
+        union=_projected(union, factor) if union is not None else None,
+        reference_union=_projected(reference_union, factor)
+        if reference_union is not None
+        else None,
+        confidence=confidence,
+    )
+    return projected.outcome == "inconclusive"
 
 
 CHECK_COLUMNS = ("attack", "threshold", "limit", "observed", "bounds", "outcome")
@@ -342,7 +476,7 @@ def render_verdict(verdict: Verdict) -> str:
             _value(c.name, c.threshold),
             _value(c.name, c.observed),
             f"[{_value(c.name, c.lower)}, {_value(c.name, c.upper)}]",
-            c.outcome,
+            c.outcome + (f" ({c.note})" if c.note else ""),
         )
         for c in verdict.checks
     ]
