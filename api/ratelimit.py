@@ -10,9 +10,9 @@
 - **Quotas**: queued + running jobs per tenant (``BULWARK_MAX_ACTIVE_JOBS``: 429 with
   ``Retry-After``, it passes once a job finishes) and stored bytes of models and datasets
   (``BULWARK_MAX_STORED_BYTES``: 413, it passes only once something is deleted).
-- **Job sizes**: an audit's iterations x targets x poisons (``BULWARK_MAX_AUDIT_WORK``) and a
-  pre-training's epochs x images (``BULWARK_MAX_PRETRAIN_WORK``): 422 naming the field that
-  is furthest above its default.
+- **Job sizes**: an audit's iterations x targets x poisons x draws
+  (``BULWARK_MAX_AUDIT_WORK``) and a pre-training's epochs x images
+  (``BULWARK_MAX_PRETRAIN_WORK``): 422 naming the field that is furthest above its default.
 
 Each limit set to 0 is off. Redis trouble never fails a request: the limiter falls back to its
 in-process buckets until Redis answers again.
@@ -348,7 +348,8 @@ def audit_pairs(config: Any) -> int:
 
 
 def check_audit_size(settings: Settings, config: Any) -> None:
-    """422 when iterations x targets x poisons is above ``max_audit_work``."""
+    """422 when iterations x targets x poisons x draws is above ``max_audit_work``: the
+    poison forward-backward passes of crafting (multi-draw crafting takes ``draws`` each)."""
     limit = settings.max_audit_work
     if limit <= 0:
         return
@@ -357,6 +358,7 @@ def check_audit_size(settings: Settings, config: Any) -> None:
         (("iterations",), "iterations", config.iterations, 500),
         (("targets_per_pair",), "targets", targets, 50),
         (("attack_settings",), "poisons", config.max_poisons, 5),
+        (("overrides", "draws"), "draws", config.draws, 1),
     ]
     if math.prod(value for _, _, value, _ in factors) > limit:
         raise _too_big("the audit is", limit, "BULWARK_MAX_AUDIT_WORK", factors)

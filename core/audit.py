@@ -26,6 +26,7 @@ Stages, each a function with typed input and output, run in order by :func:`run_
 
 from __future__ import annotations
 
+import hashlib
 import math
 import platform
 import shutil
@@ -45,7 +46,7 @@ from catalog.requests import PAPER_PAIRS
 from core.attacks import AttackContext, CraftResult, EarlyStop, StepCallback, attack_class
 from core.checkpoint import library_versions, load_extractor
 from core.config import AuditConfig
-from core.data import ImageDataset, Split, split_dataset, to_float
+from core.data import ImageDataset, Split, augment, split_dataset, to_float
 from core.datasets import load_dataset
 from core.device import autocast, resolve_device, resolve_precision, uses_channels_last
 from core.errors import BulwarkError, ErrorKind
@@ -617,6 +618,9 @@ def craft_stage(
         batch_size=config.attack_batch_size,
         dtype=inputs.dtype,
         channels_last=channels_last,
+        draws=config.draws,
+        draw_flip=inputs.data.flip,
+        draw_seed=config.seed,
     )
     context = AttackContext(
         targets=features.targets,
@@ -631,6 +635,26 @@ def craft_stage(
     return implementation(attacker, context, callback=on_step, early_stop=early_stop)
 
 
+def victim_views(
+    images: torch.Tensor, instances: Sequence[Instance], seed: int, flip: bool
+) -> torch.Tensor:
+    """The view a victim who augments trains on: one random crop (and mirror where ``flip``)
+    of each image (I, k, C, H, W) of the instances, by ``core.data.augment``.
+
+    Each view is drawn from (``seed``, the instance's target, the base, its slot), not from
+    its place in the batch, so an instance gets the same views in any round or subset, and a
+    poison and its own base get the same view (the baseline stays comparable).
+    """
+    views = torch.empty_like(images)
+    for i, instance in enumerate(instances):
+        for j in range(images.shape[1]):
+            key = f"{seed}:{instance.target_index}:{instance.base_indices[j]}:{j}".encode()
+            generator = torch.Generator(device=images.device)
+            generator.manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+            views[i, j] = augment(images[i, j : j + 1], flip=flip, generator=generator)[0]
+    return views
+
+
 def retrain_stage(
     inputs: AuditInputs,
     features: AuditFeatures,
@@ -640,11 +664,21 @@ def retrain_stage(
     """Re-train every poisoned head and every baseline head as one batched problem.
 
     ``baseline_features`` (I, k, D) are the unperturbed bases' features (shared by attacks
-    with the same number of poisons).
+    with the same number of poisons). With ``victim_augment`` the victim trains on one
+    augmented view of each poison and the baseline on the same view of each base
+    (:func:`victim_views`; the clean set stays as it is, its features precomputed): an
+    approximation of a victim who draws a fresh augmentation every epoch.
     """
-    model, dtype = inputs.model, inputs.dtype
+    model, dtype, config = inputs.model, inputs.dtype, inputs.config
     count, k = crafted.poisons.shape[:2]
-    poison_features = extract_features(model, crafted.poisons.flatten(0, 1), dtype=dtype)
+    poisons = crafted.poisons
+    if config.victim_augment:
+        flip = inputs.data.flip
+        poisons = victim_views(poisons, inputs.instances, config.seed, flip)
+        bases = victim_views(to_float(features.bases[:, :k]), inputs.instances, config.seed, flip)
+        baseline_features = extract_features(model, bases.flatten(0, 1), dtype=dtype)
+        baseline_features = baseline_features.view(count, k, -1)
+    poison_features = extract_features(model, poisons.flatten(0, 1), dtype=dtype)
     extra = torch.cat([poison_features.view(count, k, -1), baseline_features])  # (2I, k, D)
     extra_labels = features.poison_classes.repeat(2)[:, None].expand(-1, k)
     weights, biases = retrain_heads(
@@ -848,6 +882,10 @@ class _Side:
         features, inputs = self.features, self.inputs
         m, k = poisons.shape[:2]
         rows = indices.to(inputs.device)
+        config = inputs.config
+        if config.victim_augment:  # judged on what the victim trains on (retrain_stage)
+            chosen = [inputs.instances[i] for i in indices.tolist()]
+            poisons = victim_views(poisons, chosen, config.seed, inputs.data.flip)
         extra = extract_features(inputs.model, poisons.flatten(0, 1), dtype=inputs.dtype)
         poison_classes = features.poison_classes[rows]
         weights, biases = retrain_heads(
@@ -1335,6 +1373,7 @@ def _run(
             * config.poisons(name)
             * (config.iterations + 1)
             * getattr(config.attack_settings[name], "restarts", 1)
+            * config.draws
             for name in config.attacks
         ) * len(sides)
         work = sum(crafting[prefix].work for prefix, _ in sides)

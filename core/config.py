@@ -231,6 +231,15 @@ class AuditConfig(BaseModel):
     # stop being crafted (their heads re-trained as one batched problem); 0: never.
     early_stop_every: int = Field(0, ge=0, le=100_000)
     iterations: int = Field(500, ge=1, le=100_000)  # optimization steps per attack
+    # Multi-draw crafting (core.attacks.base): each crafting iteration averages the poisons'
+    # features over this many views of the extractor (the victim's random crop and flip, its
+    # dropout masks), so that the poisons survive a victim who augments while re-training.
+    # 1 is the paper's attacks; the crafting work grows in proportion.
+    draws: int = Field(1, ge=1, le=32)
+    # The victim re-trains its head on one seeded augmented view of each poison (and the
+    # baseline on the same view of each base) instead of the poisons themselves: the threat
+    # model of a victim who augments, for which draws > 1 is meant (core.audit.retrain_stage).
+    victim_augment: bool = False
     delta: float = Field(25.5 / 255, ge=0, le=1)  # l_inf budget around each base image
 
     # Re-training of the linear head on frozen features (Appendix A: Adam, 100 epochs).

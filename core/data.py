@@ -87,26 +87,49 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255.0)
 
 
+def augment_padding(side: int) -> int:
+    """The zero padding of the random crop for images of height ``side``: 4 px, or 1/8 of the
+    side for small images (the most any shift of :func:`shift_and_flip` may move)."""
+    return max(1, min(4, side // 8))
+
+
+def shift_and_flip(
+    x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, mirror: torch.Tensor | None
+) -> torch.Tensor:
+    """Per image, the crop of the zero-padded image at offset (dy, dx), then a horizontal flip.
+
+    ``out[n, c, i, j] = x[n, c, i + dy[n], j + dx[n]]`` (0 outside the image), mirrored along
+    the width where ``mirror[n]`` (None: no flip). ``x`` is (N, C, H, W); ``dy``, ``dx`` are
+    integer tensors (N,) in [-p, p] with p = :func:`augment_padding` of H, and ``mirror`` a
+    bool tensor (N,), all on ``x``'s device. Pure indexing, so it is exact in any dtype and
+    differentiable in ``x``; :func:`augment` draws its shifts at random, the attacks' multi-draw
+    crafting (``core.attacks.base``) gives one shift to a whole batch.
+    """
+    n, _, h, w = x.shape
+    pad = augment_padding(h)
+    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    rows = ((dy + pad)[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None]
+    cols = ((dx + pad)[:, None] + torch.arange(w, device=x.device)[None, :])[:, None, None, :]
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channels = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    out = padded[batch, channels, rows, cols]
+    if mirror is not None:
+        out = torch.where(mirror[:, None, None, None], out.flip(3), out)
+    return out
+
+
 def augment(x: torch.Tensor, *, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Random crop with zero padding (4 px, or 1/8 of the side) and, if ``flip``, h-flip.
+    """Random crop with zero padding (:func:`augment_padding`) and, if ``flip``, h-flip.
 
     ``x`` is a float batch (N, C, H, W) on any device; ``generator`` lives on that device, so
     the augmentation is deterministic for a seed and never leaves the device.
     """
-    n, _, h, w = x.shape
-    pad = max(1, min(4, h // 8))
-    padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+    n, h = x.shape[0], x.shape[2]
+    pad = augment_padding(h)
     dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=generator)
-    rows = (dy[:, None] + torch.arange(h, device=x.device)[None, :])[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w, device=x.device)[None, :])[:, None, None, :]
-    batch = torch.arange(n, device=x.device)[:, None, None, None]
-    channels = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
-    out = padded[batch, channels, rows, cols]
-    if flip:
-        mirror = torch.rand(n, device=x.device, generator=generator) < 0.5
-        out = torch.where(mirror[:, None, None, None], out.flip(3), out)
-    return out
+    mirror = torch.rand(n, device=x.device, generator=generator) < 0.5 if flip else None
+    return shift_and_flip(x, dy - pad, dx - pad, mirror)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[list[float], list[float]]:

@@ -14,12 +14,22 @@ images where memory is short). Each instance's loss depends only on its own pois
 loss is the sum of the instance losses and every update is element-wise, so a batch gives the
 same poisons as crafting its instances one at a time (up to float summation order).
 
+Multi-draw crafting (``Attack.draws`` > 1, off by default; after Bullseye Polytope's
+"net-repeat" and expectation over transformation): the poisons' features are the mean of
+f(T_j(x_p)) over ``draws`` transformations T_j, each the victim's training augmentation (a
+random crop of the zero-padded image, :func:`core.data.shift_and_flip`, and a mirror where
+the dataset allows it) with the network's dropout modules drawing a mask. So the poisons keep
+working for a victim who augments (or keeps dropout on) while re-training. A draw applies ONE
+transformation to every image of a call, drawn from (``draw_seed``, iteration, draw), so a
+batch still equals its instances crafted one at a time.
+
 Tensor shapes: targets (I, C, H, W); bases and poisons (I, k, C, H, W), pixels in [0,1];
 features (I, k, D); coefficients (I, k).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +39,7 @@ import torch
 from torch import nn
 
 from catalog.attacks import ATTACKS, AttackSettings
+from core.data import augment_padding, shift_and_flip
 from core.device import autocast
 
 # (iteration done, iterations, mean objective over instances) after every iteration.
@@ -58,11 +69,18 @@ class ActiveRows:
     """The instances an attack still crafts: all of them (``rows`` None, the plain batched
     path, untouched) or, under an :class:`EarlyStop`, the index tensor of those left."""
 
-    def __init__(self, count: int, early_stop: EarlyStop | None, device: torch.device) -> None:
-        self.count, self.early_stop = count, early_stop
+    def __init__(
+        self,
+        count: int,
+        early_stop: EarlyStop | None,
+        device: torch.device,
+        draws: int = 1,
+    ) -> None:
+        self.count, self.early_stop, self.draws = count, early_stop, draws
         self.rows: torch.Tensor | None = None
         self._all = torch.arange(count, device=device)
-        self.work = 0  # poison forward-backward passes (instances x poisons x iterations)
+        # Poison forward-backward passes (instances x poisons x draws x iterations).
+        self.work = 0
 
     @property
     def indices(self) -> torch.Tensor:
@@ -73,7 +91,7 @@ class ActiveRows:
         return self.rows is not None and len(self.rows) == 0
 
     def count_step(self, poisons_per_instance: int) -> None:
-        self.work += len(self.indices) * poisons_per_instance
+        self.work += len(self.indices) * poisons_per_instance * self.draws
 
     def check(self, iteration: int, poisons: torch.Tensor) -> bool:
         """After ``iteration`` iterations: drop the instances that succeed; True if any was."""
@@ -147,8 +165,8 @@ class CraftResult:
     relative_distance: torch.Tensor  # (I,)
     linf: torch.Tensor  # (I,) max_j ||x_p^j - x_b^j||_inf achieved
     objective: torch.Tensor  # (iterations + 1, I)
-    # Poison forward-backward passes the crafting took (instances x poisons x iterations,
-    # less what an EarlyStop saved): the measure of crafting work.
+    # Poison forward-backward passes the crafting took (instances x poisons x draws x
+    # iterations, less what an EarlyStop saved): the measure of crafting work.
     work: int = 0
 
 
@@ -189,6 +207,61 @@ def _features_of(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return cast(FeatureExtractor, model).features
 
 
+def _draw_seed(seed: int, iteration: int, draw: int) -> int:
+    """A 63-bit generator seed for one draw of one crafting iteration (a hash, so that nearby
+    (seed, iteration, draw) triples give unrelated streams)."""
+    digest = hashlib.sha256(f"{seed}:{iteration}:{draw}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _one_view(batch: torch.Tensor, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """``batch`` (N, C, H, W) under one random crop shift (and mirror, if ``flip``) shared by
+    every image: the victim's augmentation (``core.data.augment``), drawn once per call so
+    that an image's view does not depend on the others in its batch. ``generator`` is a CPU
+    generator, so a seed gives the same view on every device."""
+    pad = augment_padding(batch.shape[2])
+    shift = torch.randint(-pad, pad + 1, (2,), generator=generator).to(batch.device)
+    count = len(batch)
+    mirror = None
+    if flip:
+        mirror = (torch.rand(1, generator=generator) < 0.5).to(batch.device).expand(count)
+    return shift_and_flip(batch, shift[0].expand(count), shift[1].expand(count), mirror)
+
+
+# The dropout layers a draw samples a mask for. AlphaDropout and FeatureAlphaDropout are left
+# out: their noise is not a scaled mask.
+_DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
+
+
+@contextmanager
+def _dropout_masks(model: nn.Module, generator: torch.Generator) -> Iterator[None]:
+    """Inside, every dropout module of ``model`` (in eval mode, so itself the identity)
+    multiplies its output by one mask drawn from ``generator`` for the call, shared by every
+    image of the batch: dropout as in training, but an image's mask does not depend on the
+    rest of its batch (train-mode dropout draws per element from the global generator, which
+    would break both the seed and batch == one at a time). Element-wise for ``nn.Dropout``,
+    per channel for ``Dropout1d/2d/3d``, scaled by 1 / (1 - p) as in training."""
+
+    def hook(module: nn.Module, _: object, output: torch.Tensor) -> torch.Tensor:
+        assert isinstance(module, _DROPOUTS)
+        p = float(module.p)
+        if p <= 0.0:
+            return output
+        shape = list(output.shape[1:])
+        if not isinstance(module, nn.Dropout):  # a mask per channel
+            shape = shape[:1] + [1] * (len(shape) - 1)
+        keep = torch.rand(shape, generator=generator, dtype=torch.float64) >= p
+        scale = keep.to(torch.float64) / (1.0 - p) if p < 1.0 else keep.to(torch.float64)
+        return output * scale.to(device=output.device, dtype=output.dtype)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _DROPOUTS)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def budget_box(bases: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pixel bounds of the budget: the delta-ball around ``bases`` intersected with [0,1].
 
@@ -222,6 +295,11 @@ class Attack:
     batch_size: int | None = None  # images per forward/backward; None: all poisons at once
     dtype: torch.dtype = torch.float32  # autocast dtype of the network's forward pass
     channels_last: bool = False  # feed the network channels_last images (faster with oneDNN)
+    # Multi-draw crafting (module docstring): extractor views averaged per crafting iteration;
+    # 1 is the plain attack, k times the crafting work for k.
+    draws: int = 1
+    draw_flip: bool = True  # whether a draw may mirror the images (the dataset's ``flip``)
+    draw_seed: int = 0  # seeds every draw's transformation, with the iteration and the draw
 
     def __post_init__(self) -> None:
         model = ATTACKS.get(self.name).settings
@@ -235,6 +313,8 @@ class Attack:
             raise ValueError(f"iterations must be at least 1, got {self.iterations}")
         if self.batch_size is not None and self.batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.draws < 1:
+            raise ValueError(f"draws must be at least 1, got {self.draws}")
 
     def __call__(
         self,
@@ -255,7 +335,7 @@ class Attack:
         targets, bases = context.targets.to(work), context.bases.to(work)
         with frozen(model), torch.no_grad():
             target_features = self.features(model, targets)
-        active = ActiveRows(len(bases), early_stop, bases.device)
+        active = ActiveRows(len(bases), early_stop, bases.device, self.draws)
         with frozen(model):
             crafted = self.craft(model, context, target_features, bases, callback, active)
         return self._measure(model, targets, bases, crafted)
@@ -278,8 +358,9 @@ class Attack:
     # ---- helpers for subclasses ------------------------------------------------------------
 
     def images_per_chunk(self, k: int) -> int:
-        """Instances per forward: whole instances only, at least one."""
-        return max(1, (self.batch_size or 1 << 30) // k)
+        """Instances per forward: whole instances only, at least one. Every draw keeps its
+        own graph until the backward, so ``batch_size`` counts each image once per draw."""
+        return max(1, (self.batch_size or 1 << 30) // (k * self.draws))
 
     def features(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         """f(images) for (N, C, H, W) images, in chunks, under the attack's autocast."""
@@ -292,15 +373,34 @@ class Attack:
                 outputs.append(_features_of(model)(batch).to(images.dtype))
         return torch.cat(outputs)
 
-    def poison_features(self, model: nn.Module, poisons: torch.Tensor) -> torch.Tensor:
-        """f of poisons (n, k, C, H, W) -> (n, k, D) in their dtype, graph kept if grads are on."""
+    def poison_features(
+        self, model: nn.Module, poisons: torch.Tensor, iteration: int
+    ) -> torch.Tensor:
+        """f of poisons (n, k, C, H, W) -> (n, k, D) in their dtype, graph kept if grads are on.
+
+        ``iteration`` numbers the crafting step (every call of one step passes the same, each
+        step its own): with ``draws`` > 1 it seeds the step's transformations, and the result
+        is the mean of f over them (the module docstring); with 1 it is unused.
+        """
         n, k = poisons.shape[:2]
         batch = poisons.reshape(n * k, *poisons.shape[2:])
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        with autocast(poisons.device, self.dtype):
-            features = _features_of(model)(batch)
-        return features.to(poisons.dtype).view(n, k, -1)
+        if self.draws == 1:
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            with autocast(poisons.device, self.dtype):
+                features = _features_of(model)(batch)
+            return features.to(poisons.dtype).view(n, k, -1)
+        total: torch.Tensor | None = None
+        for draw in range(self.draws):
+            generator = torch.Generator().manual_seed(_draw_seed(self.draw_seed, iteration, draw))
+            view = _one_view(batch, self.draw_flip, generator)
+            if self.channels_last:
+                view = view.contiguous(memory_format=torch.channels_last)
+            with _dropout_masks(model, generator), autocast(poisons.device, self.dtype):
+                features = _features_of(model)(view).to(poisons.dtype)
+            total = features if total is None else total + features
+        assert total is not None
+        return (total / self.draws).view(n, k, -1)
 
     def _measure(
         self,

@@ -105,7 +105,7 @@ class ConvexPolytope(Attack):
                 index = part if active.rows is None else rows[part]
                 chunk = x[index].detach().requires_grad_(not measuring_only)
                 with torch.set_grad_enabled(not measuring_only):
-                    features = self.poison_features(model, chunk)
+                    features = self.poison_features(model, chunk, iteration)
                     if self.learn_coefficients:
                         c[index] = self._update_coefficients(
                             features.detach(), target_features[index], c[index]

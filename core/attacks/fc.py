@@ -37,7 +37,8 @@ class FeatureCollision(Attack):
     ``(x + 2 lam mu/n x_b) / (1 + 2 lam mu/n)`` and the projection onto the budget. As in
     Poison Frogs' adaptive scheme the step lam is kept per poison: a step that raises J is
     undone and lam shrinks, an accepted one lets lam grow. The first step moves the most-moved
-    pixel by ``settings.step``.
+    pixel by ``settings.step``. Under multi-draw crafting (``draws`` > 1) every evaluation
+    averages its own draws, so a step is accepted on two estimates of J, not two exact values.
     """
 
     name: ClassVar[str] = "fc"
@@ -57,14 +58,18 @@ class FeatureCollision(Attack):
         target_features: torch.Tensor,
         target_sq: torch.Tensor,
         with_grad: bool,
+        iteration: int,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """J for every poison (n, k) and the gradient of its feature term w.r.t. x."""
+        """J for every poison (n, k) and the gradient of its feature term w.r.t. x.
+
+        ``iteration`` numbers the evaluation (0 the bases, i the proposal of step i): it seeds
+        multi-draw crafting's transformations (``Attack.poison_features``)."""
         n, k = x.shape[:2]
         objectives, grads = [], []
         for part in chunks(n, self.images_per_chunk(k)):
             chunk = x[part].detach().requires_grad_(with_grad)
             with torch.set_grad_enabled(with_grad):
-                features = self.poison_features(model, chunk)
+                features = self.poison_features(model, chunk, iteration)
                 collision = (features - target_features[part, None]).square().sum(-1)
                 collision = collision / target_sq[part, None]
             if with_grad:
@@ -90,7 +95,7 @@ class FeatureCollision(Attack):
         pixels = bases[0, 0].numel()
 
         x = bases.clone()
-        objective, grad = self._evaluate(model, x, bases, target_features, target_sq, True)
+        objective, grad = self._evaluate(model, x, bases, target_features, target_sq, True, 0)
         assert grad is not None
         active.count_step(k)
         # The first step moves each poison's largest-gradient pixel by `step`.
@@ -110,7 +115,13 @@ class FeatureCollision(Attack):
             )
             proposal = torch.clamp(proposal, lower[rows], upper[rows])
             new_objective, new_grad = self._evaluate(
-                model, proposal, bases_rows, target_features[rows], target_sq[rows], not last
+                model,
+                proposal,
+                bases_rows,
+                target_features[rows],
+                target_sq[rows],
+                not last,
+                iteration + 1,
             )
             active.count_step(k)
             accept = new_objective <= objective[rows]

@@ -134,7 +134,9 @@ class GradientMatching(Attack):
                     index = rows[part]
                     chunk = x[index].detach().requires_grad_(not measuring_only)
                     with torch.set_grad_enabled(not measuring_only):
-                        features = self.poison_features(model, chunk)
+                        # Every restart's steps get their own draws.
+                        step = restart * (steps + 1) + iteration
+                        features = self.poison_features(model, chunk, step)
                         loss = match_loss(
                             features, target_features[index], labels[index], weight, bias
                         )
