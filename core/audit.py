@@ -75,7 +75,7 @@ from core.report import (
     UnionResult,
 )
 from core.screen import screen
-from core.verdict import UNION, decide_results, difference_interval, wilson_interval
+from core.verdict import UNION, decide_results, difference_interval, futile, wilson_interval
 
 
 class AuditError(BulwarkError):
@@ -1154,8 +1154,11 @@ def run_audit(
     every pair's targets, and after each round decides the verdict under ``policy`` at a
     Bonferroni-corrected confidence (``1 - (1 - confidence) / rounds`` per look, so the
     chance that any look decides wrongly stays within the policy's): once it is decided, no
-    more rounds are crafted. A verdict decided at the stricter confidence of a look is the
-    same at the policy's own, so the caller's verdict on the report agrees with it.
+    more rounds are crafted. A look that finds the verdict undecidable by the planned end (all
+    planned instances at the rates seen so far would leave it inconclusive) stops the audit
+    for futility (``config.stop_for_futility``). The report's verdict
+    (:func:`core.verdict.decide`) is decided at the same per-look confidence, so it agrees
+    with the look that stopped the audit.
 
     Raises :class:`AuditError` for a dataset or pair that does not fit the model, and the
     loaders' errors (``BulwarkError`` subclasses) for unreadable checkpoints or datasets.
@@ -1264,7 +1267,7 @@ def _run(
         else [list(range(len(inputs.instances)))]
     )
     policy = policy or DEFAULT_POLICY
-    look = policy.model_copy(update={"confidence": 1 - (1 - policy.confidence) / len(groups)})
+    look_confidence = 1 - (1 - policy.confidence) / len(groups)
     done: list[int] = []
     rounds_run = 0
     stopped_by: str | None = None
@@ -1311,19 +1314,39 @@ def _run(
                     reference_union = union_result(
                         references_so_far, looked_reference.features.clean_correct.tolist()
                     )
+            union_so_far = (
+                union_result(results_so_far, looked.features.clean_correct.tolist())
+                if len(results_so_far) > 1
+                else None
+            )
             verdict = decide_results(
                 results_so_far,
                 references_so_far,
-                look,
-                union=union_result(results_so_far, looked.features.clean_correct.tolist())
-                if len(results_so_far) > 1
-                else None,
+                policy,
+                union=union_so_far,
                 reference_union=reference_union,
+                confidence=look_confidence,
             )
             if verdict.outcome != "inconclusive":
                 stopped_by = (
                     f"{verdict.outcome} decided after round {number + 1} of {len(groups)} "
-                    f"at {100 * look.confidence:.4g}% per look: {verdict.reason}"
+                    f"at {100 * look_confidence:.4g}% per look: {verdict.reason}"
+                )
+                break
+            if config.stop_for_futility and futile(
+                results_so_far,
+                references_so_far,
+                policy,
+                factor=len(inputs.instances) / len(done),
+                confidence=look_confidence,
+                union=union_so_far,
+                reference_union=reference_union,
+            ):
+                stopped_by = (
+                    f"inconclusive after round {number + 1} of {len(groups)}, stopped for "
+                    f"futility: all {len(inputs.instances)} planned instances at the rates "
+                    f"of these {len(done)} would leave it undecided at "
+                    f"{100 * look_confidence:.4g}% per look ({verdict.reason})"
                 )
                 break
 
@@ -1382,7 +1405,7 @@ def _run(
             rounds_run=rounds_run,
             instances_planned=len(inputs.instances),
             instances_run=len(done),
-            look_confidence=look.confidence,
+            look_confidence=look_confidence,
             stopped=stopped_by or "every round ran: no look decided the verdict earlier",
             early_stop_every=config.early_stop_every,
             crafting_work=work,

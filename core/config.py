@@ -227,6 +227,9 @@ class AuditConfig(BaseModel):
     # the audit stopped once a round decides the verdict under the policy.
     sequential: bool = False
     rounds: int = Field(4, ge=1, le=100)
+    # ... and stopped for futility once a look finds that all its planned instances, at the
+    # rates seen so far, would still leave the verdict inconclusive (core.verdict.futile).
+    stop_for_futility: bool = True
     # Every early_stop_every crafting iterations, the instances whose poisons already succeed
     # stop being crafted (their heads re-trained as one batched problem); 0: never.
     early_stop_every: int = Field(0, ge=0, le=100_000)

@@ -122,7 +122,9 @@ def test_an_undecided_sequential_audit_runs_every_round_like_the_full_one(undefe
     instance the results are those of the full audit (each instance is crafted alone)."""
     never = Policy(confidence=0.99, default=Thresholds(max_asr=0.5))
     full = run_audit(_config(undefended))
-    sequential = run_audit(_config(undefended, sequential=True, rounds=4), policy=never)
+    sequential = run_audit(
+        _config(undefended, sequential=True, rounds=4, stop_for_futility=False), policy=never
+    )
     assert sequential.sequential.rounds_run == 4
     assert sequential.sequential.instances_run == len(full.instances) == 12
     for name, result in full.attacks.items():
@@ -133,6 +135,21 @@ def test_an_undecided_sequential_audit_runs_every_round_like_the_full_one(undefe
     assert sequential.sequential.crafting_work == sum(
         r.crafting_work for r in sequential.attacks.values()
     )
+
+
+def test_a_look_that_cannot_decide_by_the_planned_end_stops_for_futility(undefended):
+    """12 planned instances cannot bound an ASR away from 50% at 99.75% per look, whatever
+    the first round's rates: the audit stops after it, inconclusive, with a quarter of the
+    work, and the report's verdict (at the look's confidence) says the same."""
+    never = Policy(confidence=0.99, default=Thresholds(max_asr=0.5))
+    report = run_audit(_config(undefended, sequential=True, rounds=4), policy=never)
+    facts = report.sequential
+    assert facts is not None and facts.rounds_run == 1 and facts.instances_run == 3
+    assert "stopped for futility" in facts.stopped and facts.stopped.startswith("inconclusive")
+    assert facts.crafting_work <= facts.crafting_work_full / 4
+    verdict = decide(report, never)
+    assert verdict.outcome == "inconclusive"
+    assert verdict.confidence == pytest.approx(facts.look_confidence) == pytest.approx(0.9975)
 
 
 def test_early_stop_saves_work_where_instances_succeed(undefended):
