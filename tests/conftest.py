@@ -51,7 +51,8 @@ def _slow_modules_use_every_core(request: pytest.FixtureRequest) -> Iterator[Non
 
 # Tests that start real worker or server processes: the tests/service end-to-end tier.
 E2E_FIXTURES = frozenset({"start_worker"})
-E2E_MODULES = frozenset({"test_service_embedded.py"})  # `bulwark serve` and `bulwark demo`
+# `bulwark serve` and `bulwark demo`; workers of a fanned-out audit (their own fixture).
+E2E_MODULES = frozenset({"test_service_embedded.py", "test_service_fanout.py"})
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

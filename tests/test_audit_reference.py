@@ -257,6 +257,7 @@ def test_ensure_reference_trains_once_into_place(checkpoints, tmp_path, monkeypa
     assert ensure_reference(pretrain, folder) == folder
 
 
+@pytest.mark.slow  # seconds of CPU or a subprocess: out of make test-fast
 def test_cli_auto_reference_is_cached_between_audits(checkpoints, tmp_path, monkeypatch, capsys):
     from bulwark.cli import main
 

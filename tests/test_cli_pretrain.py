@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 
 def bulwark(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -13,6 +15,7 @@ def bulwark(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # seconds of CPU or a subprocess: out of make test-fast
 def test_pretrain_writes_a_hardened_checkpoint_and_prints_pre_acc(tmp_path) -> None:
     out = tmp_path / "run"
     done = bulwark(

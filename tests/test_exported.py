@@ -119,6 +119,7 @@ def test_logits_split_after_decomposition_and_a_refusal_without_a_linear_layer(
         load_exported(features_pt2, output="logits")
 
 
+@pytest.mark.slow  # seconds of CPU or a subprocess: out of make test-fast
 def test_a_dynamic_batch_and_a_vision_transformer(net) -> None:
     dynamic = {"x": {0: torch.export.Dim("batch", min=1, max=64)}}
     model = load_exported(export(Penultimate(net), (2, *SHAPE), dynamic_shapes=dynamic))

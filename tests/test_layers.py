@@ -109,6 +109,7 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> dict[str, set[str]]:
     return found
 
 
+@pytest.mark.slow  # seconds of CPU or a subprocess: out of make test-fast
 def test_api_never_loads_torch(loaded: dict[str, set[str]]) -> None:
     assert "fastapi" in loaded["api"]  # the probe really built the app
     assert not loaded["api"] & TORCH, loaded["api"] & TORCH

@@ -30,6 +30,7 @@ def test_undefended_convnet_learns_digits(digits_extractor) -> None:
     assert manifest["config"]["epochs"] == 3
 
 
+@pytest.mark.slow  # seconds of CPU or a subprocess: out of make test-fast
 def test_adversarial_training_shrinks_adversarial_feature_drift(
     digits_extractor, digits_test_set
 ) -> None:

@@ -99,6 +99,7 @@ def unlimited_app(settings: Any, clean_db: Any, clean_redis: Any) -> Iterator[An
     application.state.engine.dispose()
 
 
+@pytest.mark.slow  # seconds of CPU or a subprocess: out of make test-fast
 def test_no_5xx_and_every_answer_matches_the_schema(unlimited_app: Any, make_tenant: Any) -> None:
     schema = schemathesis.openapi.from_asgi("/openapi.json", unlimited_app)
     key = [make_tenant("fuzz").key]

@@ -300,6 +300,7 @@ def torch_bomb(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
     return path
 
 
+@pytest.mark.slow  # seconds of CPU or a subprocess: out of make test-fast
 def test_a_torch_file_that_inflates_to_1_5_gib_is_refused_at_the_api(
     client, make_tenant, clean_db, settings, torch_bomb
 ) -> None:

@@ -122,6 +122,7 @@ def test_a_hub_audits_its_own_resnet_on_its_own_data_over_http(
     assert "/tmp" not in json.dumps(job) + json.dumps(report)
 
 
+@pytest.mark.slow  # seconds of CPU or a subprocess: out of make test-fast
 def test_the_same_two_files_audit_locally_with_the_cli(hub_files, tmp_path, capsys) -> None:
     from bulwark.cli import main
 

@@ -271,6 +271,7 @@ def tenants_cli(settings: Settings, *args: str) -> subprocess.CompletedProcess[s
     )
 
 
+@pytest.mark.slow  # seconds of CPU or a subprocess: out of make test-fast
 def test_keys_are_revoked_with_the_cli(client, make_tenant, clean_db, settings) -> None:
     tenant, bystander = make_tenant("leaky"), make_tenant("bystander")
     made = tenants_cli(settings, "new-key", "leaky")
@@ -295,6 +296,7 @@ def test_keys_are_revoked_with_the_cli(client, make_tenant, clean_db, settings) 
     assert unknown.returncode == 1 and "no tenant named 'nobody'" in unknown.stderr
 
 
+@pytest.mark.slow  # seconds of CPU or a subprocess: out of make test-fast
 def test_a_poll_trusts_a_key_it_authenticated_for_auth_cache_seconds_only(
     make_tenant, clean_db, settings, clean_redis
 ) -> None:
