@@ -1,6 +1,7 @@
 """Fixtures of the reliability suite: its own Postgres cluster and Redis server on free loopback
 ports (started and stopped here, by pid), `bulwark serve` and `bulwark worker` as real
-processes against them, a tenant, and one uninterrupted pre-training to compare with.
+processes against them, a tenant, and one uninterrupted pre-training and audit to compare
+with.
 
 Every test here is marked ``reliability`` (and ``e2e``: real processes, so `make test-fast`
 leaves them out). ``BULWARK_RELIABILITY_REPEATS`` sets how often each fault is repeated: 1 by
@@ -19,16 +20,20 @@ from typing import Any
 import httpx
 import pytest
 from reliabilitykit import (
+    AUDITED_PRETRAIN,
     HOST,
     PostgresCluster,
     RedisServer,
     ServiceProcess,
+    UninterruptedAudit,
     Worker,
     free_port,
     job_row,
     model_sha256,
     postgres_bin,
+    report_rows,
     service_env,
+    submit_audit,
     submit_pretrain,
     wait_for,
 )
@@ -187,5 +192,34 @@ def reference_sha256(
         assert job.status == JobStatus.SUCCEEDED, (job.error, worker.output()[-3000:])
         assert job.attempts == 1
         return model_sha256(db, job)
+    finally:
+        worker.kill()
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_audit(
+    client: httpx.Client, db: Engine, env: dict[str, str], tmp_path_factory: Any
+) -> UninterruptedAudit:
+    """The model the audit faults audit (a short pre-training on this service) and the rows of
+    :data:`reliabilitykit.AUDIT` on it, run once without a fault."""
+    worker = Worker(env, tmp_path_factory.mktemp("reference-audit") / "worker.log")
+
+    def finished(job_id: str, what: str) -> Job:
+        job: Job = wait_for(
+            lambda: (row := job_row(db, job_id)).status.finished and row,
+            timeout=240,
+            interval=0.5,
+            what=what,
+        )
+        assert job.status == JobStatus.SUCCEEDED, (job.error, worker.output()[-3000:])
+        assert job.attempts == 1
+        return job
+
+    try:
+        pretrain_id = submit_pretrain(client, **AUDITED_PRETRAIN, name="audited")
+        model_id = str(finished(pretrain_id, "the audited model's pre-training").result_model_id)
+        audit_id = submit_audit(client, model_id)
+        finished(audit_id, "the uninterrupted audit")
+        return UninterruptedAudit(model_id=model_id, rows=report_rows(client, audit_id))
     finally:
         worker.kill()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -18,6 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,33 @@ PRETRAIN = {
     "overrides": {"pgd_steps": 2, "batch_size": 64},
 }
 EPOCHS = 4
+
+# The extractor the audits attack: a short undefended pre-training (the audit is what is under
+# test, not the model).
+AUDITED_PRETRAIN = {**PRETRAIN, "defense": "none", "epochs": 1, "overrides": {"batch_size": 64}}
+# The audit every audit fault interrupts: one task (the service's fan-out is off, see
+# ``service_env``; its own kill test is in tests/service/test_service_fanout.py), FC then BP.
+# FC is the first attack to finish and be kept (AuditState); BP, with its 10 poisons, still
+# crafts for several seconds after it, long enough to be caught mid-way, then on resumption.
+AUDIT_ATTACKS = ("fc", "bp")
+AUDIT = {
+    "dataset": "digits",
+    "attacks": list(AUDIT_ATTACKS),
+    "attack_settings": {"bp": {"poisons": 10}},
+    "pairs": [[0, 7]],
+    "targets_per_pair": 2,
+    "iterations": 1000,
+    "reference": "none",
+    "seed": 0,
+    "overrides": {
+        "retrain_epochs": 5,
+        "retrain_milestones": [],
+        "eval_images": 100,
+        "screen_images": 0,
+    },
+}
+# The file the audit's first attack leaves once it is done (``core.audit.AuditState``).
+FIRST_ATTACK_STATE = f"model-{AUDIT_ATTACKS[0]}-round0.pt"
 
 
 # How the suite's services are tuned: short leases and a 1 s sweep, so that a dead worker's job
@@ -255,6 +284,8 @@ def service_env(*, database_url: str, broker_url: str, data_dir: Path) -> dict[s
         # Redis's own redelivery must not be what recovers jobs here: the sweep is under test.
         "BULWARK_VISIBILITY_TIMEOUT_SECONDS": "3600",
         "BULWARK_MAX_ATTEMPTS": "3",
+        # An audit runs as one task here: a killed audit must resume from its own state files.
+        "BULWARK_AUDIT_FAN_OUT": "false",
         # One torch thread per job: the same arithmetic in every run (the weights of a resumed
         # run are compared bit for bit with an uninterrupted one's), and 2 cores shared fairly.
         "OMP_NUM_THREADS": "1",
@@ -324,6 +355,13 @@ class Worker(ServiceProcess):
         except ProcessLookupError:
             return False
 
+    def ran(self, job_id: str, run: str) -> bool:
+        """Whether one of this worker's pool children claimed the job as ``run`` (a job row's
+        ``worker``). Read from its log (``run_job`` logs each claim): the child has exited
+        once the job ended, so its process group can no longer be asked."""
+        claim = rf"job {re.escape(job_id)} \([\w-]+\) attempt \d+ on {re.escape(run)}$"
+        return re.search(claim, self.output(), re.MULTILINE) is not None
+
 
 def job_row(db: Engine, job_id: str) -> Job:
     with Session(db) as session:
@@ -346,3 +384,29 @@ def submit_pretrain(client: httpx.Client, **changes: Any) -> str:
     response = client.post("/v1/jobs/pretrain", json={**PRETRAIN, **changes})
     assert response.status_code == 202, response.text
     return str(response.json()["id"])
+
+
+@dataclass(frozen=True)
+class UninterruptedAudit:
+    model_id: str  # the extractor every audit fault audits
+    rows: dict[str, list[dict[str, Any]]]  # its report's rows per attack, run without a fault
+
+
+def submit_audit(client: httpx.Client, model_id: str, **changes: Any) -> str:
+    response = client.post("/v1/jobs/audit", json={**AUDIT, "model_id": model_id, **changes})
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+def audit_state_file(env: dict[str, str], job_id: str, name: str = FIRST_ATTACK_STATE) -> Path:
+    """Where a running audit keeps a finished attack: its work dir (``worker.tasks``
+    ``job_work_dir``, under the data dir that every worker of the suite shares)."""
+    return Path(env["BULWARK_DATA_DIR"]) / "work" / job_id / "audit-state" / name
+
+
+def report_rows(client: httpx.Client, job_id: str) -> dict[str, list[dict[str, Any]]]:
+    """The per-instance rows of each attack of an audit's report, as the tenant reads them."""
+    response = client.get(f"/v1/jobs/{job_id}/report")
+    assert response.status_code == 200, response.text
+    attacks = response.json()["body"]["attacks"]
+    return {name: result["rows"] for name, result in attacks.items()}

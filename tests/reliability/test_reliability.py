@@ -1,6 +1,8 @@
 """Faults an operator meets, on the real service: workers killed or stopped mid-job, Redis
-restarted without persistence, Postgres down. No job is stuck or lost, a resumed pre-training
-ends with the weights of an uninterrupted one, and the API answers 503, never 500.
+restarted without persistence (with a live worker and with none), Postgres down. No job is
+stuck or lost, a resumed pre-training ends with the weights of an uninterrupted one, a resumed
+audit does not craft its finished attacks again and reports the rows of an uninterrupted one,
+and the API answers 503, never 500.
 
 Each fault is repeated ``BULWARK_RELIABILITY_REPEATS`` times (1 per commit in CI, 5 under
 `make test-reliability`). Every wait is bounded; all traffic goes to 127.0.0.1.
@@ -19,15 +21,20 @@ from collections.abc import Callable
 import httpx
 import pytest
 from reliabilitykit import (
+    AUDIT_ATTACKS,
     EPOCHS,
     LEASE_SECONDS,
     PRETRAIN,
     SWEEP_SECONDS,
     PostgresCluster,
     RedisServer,
+    UninterruptedAudit,
     Worker,
+    audit_state_file,
     job_row,
     model_sha256,
+    report_rows,
+    submit_audit,
     submit_pretrain,
     wait_for,
 )
@@ -81,6 +88,64 @@ class ResumeWatch:
             return job if job.status.finished else None
 
         return wait_for(poll, timeout=timeout, interval=0.05, what="the job to end"), claimed_at
+
+
+FIRST_PHASE, NEXT_PHASE = (f"craft:{name}" for name in AUDIT_ATTACKS)
+
+
+def wait_past_first_attack(
+    db: Engine, env: dict[str, str], job_id: str
+) -> tuple[Job, os.stat_result]:
+    """The audit once its first attack is done and kept (its ``AuditState`` file, written
+    atomically, exists) while the next one crafts; and that file's identity (inode, mtime)."""
+    state = audit_state_file(env, job_id)
+
+    def kept() -> tuple[Job, os.stat_result] | None:
+        job = job_row(db, job_id)
+        assert not job.status.finished, (job.status, job.error)
+        return (job, state.stat()) if state.is_file() else None
+
+    found: tuple[Job, os.stat_result] = wait_for(
+        kept, timeout=180, interval=0.05, what="the end of the audit's first attack"
+    )
+    return found
+
+
+class AuditWatch:
+    """Polls an audit until it ends, noting the phases each run (a pool child: the job's
+    ``worker``) reported, and whether the first attack's state file was still the one written
+    before the fault when a run after it reached the next attack."""
+
+    def __init__(self, db: Engine, env: dict[str, str], job_id: str, *, stopped_run: str) -> None:
+        self.db, self.job_id, self.stopped_run = db, job_id, stopped_run
+        self.state = audit_state_file(env, job_id)
+        self.phases: dict[str, set[str]] = {}
+        self.statuses: list[JobStatus] = []
+        self.kept_on_resume: tuple[int, int] | None = None  # (inode, mtime ns) then
+
+    def until_finished(self, *, timeout: float) -> Job:
+        def poll() -> Job | None:
+            job = job_row(self.db, self.job_id)
+            self.statuses.append(job.status)
+            if job.status == JobStatus.RUNNING and job.worker:
+                self.phases.setdefault(job.worker, set()).add(job.phase)
+                resumed = job.worker != self.stopped_run and job.phase == NEXT_PHASE
+                if resumed and self.kept_on_resume is None:
+                    kept = self.state.stat()  # a resumed run crafts with the file in place
+                    self.kept_on_resume = (kept.st_ino, kept.st_mtime_ns)
+            return job if job.status.finished else None
+
+        job: Job = wait_for(poll, timeout=timeout, interval=0.05, what="the audit to end")
+        return job
+
+    def assert_resumed(self, kept: os.stat_result) -> None:
+        """One run after the fault, which never crafted the first attack again: it reached the
+        next attack with the first one's file as it was before the fault."""
+        resumed = {run: phases for run, phases in self.phases.items() if run != self.stopped_run}
+        assert len(resumed) == 1, self.phases
+        (phases,) = resumed.values()
+        assert NEXT_PHASE in phases and FIRST_PHASE not in phases, self.phases
+        assert self.kept_on_resume == (kept.st_ino, kept.st_mtime_ns)
 
 
 def start_workers(start_worker: Callable[..., Worker], count: int) -> list[Worker]:
@@ -175,6 +240,81 @@ def test_a_worker_stopped_with_sigterm_gives_its_job_back_at_once(
 
 
 @repeated
+def test_a_worker_killed_mid_audit_is_taken_over_and_resumes_after_its_last_attack(
+    repetition: int,
+    client: httpx.Client,
+    db: Engine,
+    env: dict[str, str],
+    start_worker: Callable[..., Worker],
+    uninterrupted_audit: UninterruptedAudit,
+) -> None:
+    """SIGKILL once an audit (one task) has kept its first attack and crafts the next: the live
+    worker takes it over, does not craft the first attack again, and the report's rows equal
+    an uninterrupted run's."""
+    workers = start_workers(start_worker, 2)
+    job_id = submit_audit(client, uninterrupted_audit.model_id)
+    job, kept = wait_past_first_attack(db, env, job_id)
+    holder = next(worker for worker in workers if worker.holds(job.worker))
+    survivor = next(worker for worker in workers if worker is not holder)
+    holder.kill()
+    assert job_row(db, job_id).status == JobStatus.RUNNING
+    assert job.worker is not None
+    assert not audit_state_file(env, job_id, f"model-{AUDIT_ATTACKS[1]}-round0.pt").exists()
+
+    watch = AuditWatch(db, env, job_id, stopped_run=job.worker)
+    job = watch.until_finished(timeout=240)
+    assert job.status == JobStatus.SUCCEEDED, (job.error, survivor.output()[-3000:])
+    assert job.attempts == 2
+    assert JobStatus.QUEUED in watch.statuses  # the sweep put it back in the queue
+    assert survivor.ran(job_id, next(run for run in watch.phases if run != watch.stopped_run))
+    watch.assert_resumed(kept)
+    assert report_rows(client, job_id) == uninterrupted_audit.rows
+
+
+@repeated
+@pytest.mark.parametrize("target", SIGTERM_TARGETS)
+def test_a_worker_stopped_with_sigterm_mid_audit_gives_it_back_and_it_resumes(
+    repetition: int,
+    target: str,
+    client: httpx.Client,
+    db: Engine,
+    env: dict[str, str],
+    start_worker: Callable[..., Worker],
+    uninterrupted_audit: UninterruptedAudit,
+) -> None:
+    """SIGTERM (process group, or main process only) once an audit has kept its first attack:
+    the audit is back in the queue at once, a restarted worker resumes it after that attack,
+    and the report's rows equal an uninterrupted run's."""
+    (worker,) = start_workers(start_worker, 1)
+    job_id = submit_audit(client, uninterrupted_audit.model_id)
+    job, kept = wait_past_first_attack(db, env, job_id)
+    assert job.worker is not None
+    if target == "group":
+        worker.signal_group(signal.SIGTERM)
+    else:
+        worker.process.send_signal(signal.SIGTERM)
+    stopped_at = time.monotonic()
+    given = wait_for(
+        lambda: (row := job_row(db, job_id)).status == JobStatus.QUEUED and row,
+        timeout=LEASE_SECONDS,
+        interval=0.05,
+        what="the audit to be given back",
+    )
+    assert time.monotonic() - stopped_at < LEASE_SECONDS
+    assert given.message == REQUEUED_MESSAGE and given.worker is None and given.attempts == 0
+    worker.process.wait(timeout=60)
+
+    restarted = start_worker()
+    watch = AuditWatch(db, env, job_id, stopped_run=job.worker)
+    job = watch.until_finished(timeout=240)
+    assert job.status == JobStatus.SUCCEEDED, (job.error, restarted.output()[-3000:])
+    assert job.attempts == 1
+    assert restarted.ran(job_id, next(run for run in watch.phases if run != watch.stopped_run))
+    watch.assert_resumed(kept)
+    assert report_rows(client, job_id) == uninterrupted_audit.rows
+
+
+@repeated
 def test_no_queued_job_is_lost_when_redis_restarts_under_a_live_worker(
     repetition: int,
     client: httpx.Client,
@@ -216,6 +356,44 @@ def test_no_queued_job_is_lost_when_redis_restarts_under_a_live_worker(
         {job_id: (job.status, job.error) for job_id, job in ends.items()},
         worker.output()[-3000:],
     )
+
+
+@repeated
+def test_no_queued_job_is_lost_when_redis_restarts_with_no_worker_running(
+    repetition: int,
+    client: httpx.Client,
+    db: Engine,
+    start_worker: Callable[..., Worker],
+    redis_server: RedisServer,
+) -> None:
+    """Jobs wait with no worker up; Redis without persistence restarts and loses their
+    messages; a worker that starts afterwards runs every one of them, each once."""
+    import redis
+
+    jobs = [submit_pretrain(client, name=f"unworked-{repetition}-{i}", epochs=1) for i in range(3)]
+    broker = redis.Redis.from_url(redis_server.url)
+    assert broker.llen("gpu") == 3  # their messages are in the queue...
+    broker.close()
+    redis_server.stop()
+    redis_server.start()
+    broker = redis.Redis.from_url(redis_server.url)
+    assert broker.llen("gpu") == 0  # ...and gone with the restart
+    broker.close()
+    assert all(job_row(db, job_id).status == JobStatus.QUEUED for job_id in jobs)
+
+    worker = start_worker()
+    wait_for(
+        lambda: all(job_row(db, job_id).status.finished for job_id in jobs),
+        timeout=240,
+        interval=0.5,
+        what="every job to end",
+    )
+    ends = {job_id: job_row(db, job_id) for job_id in jobs}
+    assert all(job.status == JobStatus.SUCCEEDED for job in ends.values()), (
+        {job_id: (job.status, job.error) for job_id, job in ends.items()},
+        worker.output()[-3000:],
+    )
+    assert all(job.attempts == 1 for job in ends.values())  # re-sent, never run twice
 
 
 @repeated
