@@ -254,6 +254,7 @@ def test_bad_audits_are_refused_with_the_field_named(digits_checkpoint, digits):
             _digits_config(digits_checkpoint, **{field: value})
 
 
+@pytest.mark.slow  # a CLI subprocess or a whole audit: out of make test-fast
 def test_cli_writes_the_report_and_poisons(digits_checkpoint, tmp_path, capsys):
     from bulwark.cli import main
 
@@ -308,6 +309,7 @@ def test_cli_writes_the_report_and_poisons(digits_checkpoint, tmp_path, capsys):
     assert "pairs" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a CLI subprocess or a whole audit: out of make test-fast
 def test_cli_policy_verdicts_and_exit_codes(digits_checkpoint, tmp_path, capsys, monkeypatch):
     """--policy: 0 pass, 1 fail, 3 inconclusive, 2 a bad policy (before any audit work)."""
     from bulwark.cli import main

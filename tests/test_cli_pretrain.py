@@ -48,6 +48,7 @@ def test_pretrain_writes_a_hardened_checkpoint_and_prints_pre_acc(tmp_path) -> N
     assert f"{100 * manifest['pre_acc']:.2f}%" in done.stdout
 
 
+@pytest.mark.slow  # a CLI subprocess or a whole audit: out of make test-fast
 def test_out_of_range_value_is_refused_naming_the_field(tmp_path) -> None:
     done = bulwark("pretrain", "--dataset", "digits", "--epsilon", "3", "--out", str(tmp_path))
     assert done.returncode == 2

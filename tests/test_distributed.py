@@ -200,6 +200,7 @@ def test_cli_devices_2_writes_a_checkpoint_that_loads(tmp_path) -> None:
     assert loaded.model.eval()(x).shape == (3, 10)
 
 
+@pytest.mark.slow  # a CLI subprocess or a whole audit: out of make test-fast
 def test_cli_devices_0_is_refused_naming_the_flag(tmp_path) -> None:
     command = ["pretrain", "--dataset", "digits", "--devices", "0", "--out", str(tmp_path / "x")]
     done = subprocess.run(

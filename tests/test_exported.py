@@ -223,6 +223,7 @@ def _dataset(classes: int = 4, train: int = 30, test: int = 10) -> ImageDataset:
     return ImageDataset("synthetic", train_x, train_y, test_x, test_y, names, flip=False)
 
 
+@pytest.mark.slow  # a CLI subprocess or a whole audit: out of make test-fast
 def test_an_audit_runs_on_an_exported_resnet(features_pt2, tmp_path) -> None:
     source = tmp_path / "hub.pt2"
     source.write_bytes(features_pt2)
@@ -588,6 +589,7 @@ def test_every_allowlisted_operator_exists_in_this_torch() -> None:
     assert set(_OP_NAMES.values()) == ALLOWED_OPS
 
 
+@pytest.mark.slow  # a CLI subprocess or a whole audit: out of make test-fast
 def test_the_cli_audits_a_pt2_file(tmp_path, capsys) -> None:
     """``bulwark audit --model model.pt2`` on digits (1x8x8 images; the input shape is the
     program's own, or given)."""

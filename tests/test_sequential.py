@@ -162,6 +162,7 @@ def test_early_stop_saves_work_where_instances_succeed(undefended):
     assert early.attacks["bp"].successes >= won - 1
 
 
+@pytest.mark.slow  # a CLI subprocess or a whole audit: out of make test-fast
 def test_an_interrupted_audit_resumes_from_its_last_finished_attack(
     undefended, tmp_path, monkeypatch
 ):
@@ -206,6 +207,7 @@ def test_an_interrupted_audit_resumes_from_its_last_finished_attack(
     assert crafted == ["fc", "fc"]
 
 
+@pytest.mark.slow  # a CLI subprocess or a whole audit: out of make test-fast
 def test_an_audit_fans_out_into_parts_that_any_worker_crafts(undefended, tmp_path):
     """Each part (an attack, on the model or on the reference) crafted in its own folder, as
     on separate workers; the scoring run over their union crafts nothing and reports what the

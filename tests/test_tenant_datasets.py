@@ -527,6 +527,7 @@ def test_cli_audits_an_npz_file_end_to_end(
     assert "BP" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # a CLI subprocess or a whole audit: out of make test-fast
 def test_cli_pretrains_on_an_npz_file_given_a_split(
     digits_npz: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
