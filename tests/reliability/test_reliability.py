@@ -193,6 +193,26 @@ def test_a_worker_killed_mid_pretraining_is_taken_over_by_a_live_worker(
     assert model_sha256(db, job) == reference_sha256
 
 
+def stop_and_see_it_given_back(worker: Worker, target: str, db: Engine, job_id: str) -> None:
+    """SIGTERM to the worker's process group or its main process: the job must be queued
+    again within the lease, unattributed and with the attempt not counted (being stopped is not
+    a crash), and the worker's warm shutdown must end once it is given back."""
+    if target == "group":
+        worker.signal_group(signal.SIGTERM)
+    else:
+        worker.process.send_signal(signal.SIGTERM)
+    stopped_at = time.monotonic()
+    given = wait_for(
+        lambda: (row := job_row(db, job_id)).status == JobStatus.QUEUED and row,
+        timeout=LEASE_SECONDS,
+        interval=0.05,
+        what="the job to be given back",
+    )
+    assert time.monotonic() - stopped_at < LEASE_SECONDS
+    assert given.message == REQUEUED_MESSAGE and given.worker is None and given.attempts == 0
+    worker.process.wait(timeout=60)
+
+
 # SIGTERM to the main process only (``docker stop``) runs in the full set; per commit, the group.
 SIGTERM_TARGETS = ["group", "main"] if REPEATS > 1 else ["group"]
 
@@ -213,21 +233,7 @@ def test_a_worker_stopped_with_sigterm_gives_its_job_back_at_once(
     (worker,) = start_workers(start_worker, 1)
     job_id = submit_pretrain(client, name=f"stopped-{target}-{repetition}")
     wait_past_first_epoch(db, job_id)
-    if target == "group":
-        worker.signal_group(signal.SIGTERM)
-    else:
-        worker.process.send_signal(signal.SIGTERM)
-    stopped_at = time.monotonic()
-    job = wait_for(
-        lambda: (row := job_row(db, job_id)).status == JobStatus.QUEUED and row,
-        timeout=LEASE_SECONDS,
-        interval=0.05,
-        what="the job to be given back",
-    )
-    assert time.monotonic() - stopped_at < LEASE_SECONDS
-    assert job.message == REQUEUED_MESSAGE and job.worker is None
-    assert job.attempts == 0  # being stopped is not a crash: the attempt is not counted
-    worker.process.wait(timeout=60)  # the warm shutdown ends once the job is given back
+    stop_and_see_it_given_back(worker, target, db, job_id)
 
     restarted = start_worker()
     watch = ResumeWatch(db, job_id)
@@ -289,20 +295,7 @@ def test_a_worker_stopped_with_sigterm_mid_audit_gives_it_back_and_it_resumes(
     job_id = submit_audit(client, uninterrupted_audit.model_id)
     job, kept = wait_past_first_attack(db, env, job_id)
     assert job.worker is not None
-    if target == "group":
-        worker.signal_group(signal.SIGTERM)
-    else:
-        worker.process.send_signal(signal.SIGTERM)
-    stopped_at = time.monotonic()
-    given = wait_for(
-        lambda: (row := job_row(db, job_id)).status == JobStatus.QUEUED and row,
-        timeout=LEASE_SECONDS,
-        interval=0.05,
-        what="the audit to be given back",
-    )
-    assert time.monotonic() - stopped_at < LEASE_SECONDS
-    assert given.message == REQUEUED_MESSAGE and given.worker is None and given.attempts == 0
-    worker.process.wait(timeout=60)
+    stop_and_see_it_given_back(worker, target, db, job_id)
 
     restarted = start_worker()
     watch = AuditWatch(db, env, job_id, stopped_run=job.worker)
