@@ -31,7 +31,8 @@ test: lint system
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 
-# Under 2 minutes on 2 cores: lint and the tests not marked slow or e2e (pyproject markers).
+# The inner loop: lint and the tests not marked slow or e2e (pyproject markers); about three
+# minutes of tests on 2 idle cores (the aim is two).
 test-fast: lint system
 	$(BIN)/pytest -q -m "not slow and not e2e"
 
