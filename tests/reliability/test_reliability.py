@@ -338,6 +338,11 @@ def test_no_queued_job_is_lost_when_redis_restarts_under_a_live_worker(
 
     jobs = [running, *waiting]
     # Bounded by the jobs' own run time (about 5 epochs in all), the re-send delay and slack.
+    wait_until_every_job_succeeded(db, jobs, worker)
+
+
+def wait_until_every_job_succeeded(db: Engine, jobs: list[str], worker: Worker) -> dict[str, Job]:
+    """Each job's final row, once all have ended; every one must have succeeded."""
     wait_for(
         lambda: all(job_row(db, job_id).status.finished for job_id in jobs),
         timeout=240,
@@ -349,6 +354,7 @@ def test_no_queued_job_is_lost_when_redis_restarts_under_a_live_worker(
         {job_id: (job.status, job.error) for job_id, job in ends.items()},
         worker.output()[-3000:],
     )
+    return ends
 
 
 @repeated
@@ -375,17 +381,7 @@ def test_no_queued_job_is_lost_when_redis_restarts_with_no_worker_running(
     assert all(job_row(db, job_id).status == JobStatus.QUEUED for job_id in jobs)
 
     worker = start_worker()
-    wait_for(
-        lambda: all(job_row(db, job_id).status.finished for job_id in jobs),
-        timeout=240,
-        interval=0.5,
-        what="every job to end",
-    )
-    ends = {job_id: job_row(db, job_id) for job_id in jobs}
-    assert all(job.status == JobStatus.SUCCEEDED for job in ends.values()), (
-        {job_id: (job.status, job.error) for job_id, job in ends.items()},
-        worker.output()[-3000:],
-    )
+    ends = wait_until_every_job_succeeded(db, jobs, worker)
     assert all(job.attempts == 1 for job in ends.values())  # re-sent, never run twice
 
 
