@@ -63,7 +63,12 @@ def add_parser(sub: argparse._SubParsersAction, name: str, help_text: str) -> No
         "--retrain-epochs", type=int, help="head re-training epochs (default: 40; 20 --quick)"
     )
     parser.add_argument(
-        "--timeout", type=float, default=900, help="seconds per job (default: %(default)s)"
+        "--timeout",
+        type=float,
+        # An hour: adversarial pre-training on a slow or busy 2-core CPU has taken over 15
+        # minutes; the demo shows each job's progress while it waits.
+        default=3600,
+        help="seconds per job (default: %(default)s)",
     )
     parser.set_defaults(run=run)
 
