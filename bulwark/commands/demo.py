@@ -15,6 +15,7 @@ small to show much: the mechanics only).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import subprocess
@@ -274,6 +275,18 @@ def _submit(client: Any, path: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 def _follow(client: Any, job: dict[str, Any], timeout: float) -> dict[str, Any]:
     """Poll the job, printing each change of phase and progress, until it finishes."""
+    try:
+        return _poll_until_finished(client, job, timeout)
+    except (DemoError, KeyboardInterrupt):
+        # The demo's data dir outlives it: a job left running would be resumed, ahead of the
+        # next demo's jobs, by the next worker on it. A cancel wins over that resumption (a
+        # job that already ended answers 409, which changes nothing).
+        with contextlib.suppress(Exception):
+            client.post(f"/v1/jobs/{job['id']}/cancel")
+        raise
+
+
+def _poll_until_finished(client: Any, job: dict[str, Any], timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     shown: tuple[str, str, float] = ("", "", -1.0)
     while time.monotonic() < deadline:
