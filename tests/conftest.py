@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.attacks.base import AttackContext
 from core.checkpoint import LoadedExtractor, load_extractor
+from core.data import to_float
+from core.datasets import load_dataset
 
 # The torch thread budget, set here and nowhere else. By default half the cores this process
 # may use, at least one: on the 2-core test machine one thread, since pytest shares the cores
@@ -88,3 +91,29 @@ def digits_extractor(tmp_path_factory) -> Callable[..., LoadedExtractor]:
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def digits_model(digits_extractor):
+    return digits_extractor("none").model
+
+
+@pytest.fixture(scope="session")
+def digits_attack_context(digits_model) -> AttackContext:
+    """Three targets (test digits 0, 2, 4), three bases each (training digits 7, 1, 1), the
+    model's own head as the head re-training starts from."""
+    data = load_dataset("digits")
+    x_test, x_train = to_float(data.test_x), to_float(data.train_x)
+    targets = torch.stack([x_test[data.test_y == c][i] for c, i in ((0, 0), (2, 1), (4, 2))])
+    bases = torch.stack(
+        [x_train[data.train_y == c][3 * i : 3 * i + 3] for c, i in ((7, 0), (1, 0), (1, 1))]
+    )
+    head = digits_model.head
+    return AttackContext(
+        targets=targets,
+        bases=bases,
+        poison_classes=torch.tensor([7, 1, 1]),
+        target_classes=torch.tensor([0, 2, 4]),
+        head_weight=head.weight.detach(),
+        head_bias=head.bias.detach(),
+    )

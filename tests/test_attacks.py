@@ -34,11 +34,6 @@ DELTA = 25.5 / 255
 
 
 @pytest.fixture(scope="module")
-def digits_model(digits_extractor):
-    return digits_extractor("none").model
-
-
-@pytest.fixture(scope="module")
 def instances() -> tuple[torch.Tensor, torch.Tensor]:
     """Three targets (test digits 0, 2, 4) and five bases each (training digits 7, 1, 1)."""
     data = load_dataset("digits")

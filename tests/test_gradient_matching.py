@@ -11,36 +11,13 @@ import torch
 
 from catalog.attacks import GradientMatchingSettings
 from core.attacks import AttackContext, EarlyStop, GradientMatching, match_loss
-from core.data import to_float
-from core.datasets import load_dataset
 
 DELTA = 25.5 / 255
 
 
 @pytest.fixture(scope="module")
-def digits_model(digits_extractor):
-    return digits_extractor("none").model
-
-
-@pytest.fixture(scope="module")
-def context(digits_model) -> AttackContext:
-    """Three targets (test digits 0, 2, 4), three bases each (training digits 7, 1, 1), the
-    model's own head as the head re-training starts from."""
-    data = load_dataset("digits")
-    x_test, x_train = to_float(data.test_x), to_float(data.train_x)
-    targets = torch.stack([x_test[data.test_y == c][i] for c, i in ((0, 0), (2, 1), (4, 2))])
-    bases = torch.stack(
-        [x_train[data.train_y == c][3 * i : 3 * i + 3] for c, i in ((7, 0), (1, 0), (1, 1))]
-    )
-    head = digits_model.head
-    return AttackContext(
-        targets=targets,
-        bases=bases,
-        poison_classes=torch.tensor([7, 1, 1]),
-        target_classes=torch.tensor([0, 2, 4]),
-        head_weight=head.weight.detach(),
-        head_bias=head.bias.detach(),
-    )
+def context(digits_attack_context: AttackContext) -> AttackContext:
+    return digits_attack_context
 
 
 def _slice(context: AttackContext, i: int, dtype: torch.dtype) -> AttackContext:

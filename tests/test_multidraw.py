@@ -27,35 +27,15 @@ from core.attacks import AttackContext, BullseyePolytope, attack_class
 from core.audit import Instance, run_audit, victim_views
 from core.checkpoint import save_extractor
 from core.config import AuditConfig
-from core.data import augment, augment_padding, shift_and_flip, to_float
+from core.data import augment, augment_padding, shift_and_flip
 from core.datasets import load_dataset
 
 DELTA = 25.5 / 255
 
 
 @pytest.fixture(scope="module")
-def digits_model(digits_extractor):
-    return digits_extractor("none").model
-
-
-@pytest.fixture(scope="module")
-def context(digits_model) -> AttackContext:
-    """Three targets (test digits 0, 2, 4) and three bases each (training digits 7, 1, 1), with
-    what gradient matching needs too (the model's own head)."""
-    data = load_dataset("digits")
-    x_test, x_train = to_float(data.test_x), to_float(data.train_x)
-    targets = torch.stack([x_test[data.test_y == c][i] for c, i in ((0, 0), (2, 1), (4, 2))])
-    bases = torch.stack(
-        [x_train[data.train_y == c][3 * i : 3 * i + 3] for c, i in ((7, 0), (1, 0), (1, 1))]
-    )
-    head = digits_model.head
-    return AttackContext(
-        targets=targets,
-        bases=bases,
-        poison_classes=torch.tensor([7, 1, 1]),
-        head_weight=head.weight.detach(),
-        head_bias=head.bias.detach(),
-    )
+def context(digits_attack_context: AttackContext) -> AttackContext:
+    return digits_attack_context
 
 
 def _attack(name: str, k: int, **fields):

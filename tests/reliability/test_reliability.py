@@ -317,7 +317,6 @@ def test_no_queued_job_is_lost_when_redis_restarts_under_a_live_worker(
 ) -> None:
     """Redis without persistence restarts while a worker runs one job and three wait: their
     messages are gone, the sweep re-sends them, and all four finish."""
-    import redis
 
     (worker,) = start_workers(start_worker, 1)
     running = submit_pretrain(client, name=f"running-{repetition}", epochs=2)
@@ -327,18 +326,25 @@ def test_no_queued_job_is_lost_when_redis_restarts_under_a_live_worker(
     waiting = [
         submit_pretrain(client, name=f"waiting-{repetition}-{i}", epochs=1) for i in range(3)
     ]
+    restart_redis_and_see_the_queue_emptied(redis_server, queued=3)
+
+    jobs = [running, *waiting]
+    # Bounded by the jobs' own run time (about 5 epochs in all), the re-send delay and slack.
+    wait_until_every_job_succeeded(db, jobs, worker)
+
+
+def restart_redis_and_see_the_queue_emptied(redis_server: RedisServer, *, queued: int) -> None:
+    """Restart Redis (no persistence): the ``queued`` messages on the gpu queue are gone."""
+    import redis
+
     broker = redis.Redis.from_url(redis_server.url)
-    assert broker.llen("gpu") == 3  # their messages are in the queue...
+    assert broker.llen("gpu") == queued  # their messages are in the queue...
     broker.close()
     redis_server.stop()
     redis_server.start()
     broker = redis.Redis.from_url(redis_server.url)
     assert broker.llen("gpu") == 0  # ...and gone with the restart
     broker.close()
-
-    jobs = [running, *waiting]
-    # Bounded by the jobs' own run time (about 5 epochs in all), the re-send delay and slack.
-    wait_until_every_job_succeeded(db, jobs, worker)
 
 
 def wait_until_every_job_succeeded(db: Engine, jobs: list[str], worker: Worker) -> dict[str, Job]:
@@ -367,17 +373,9 @@ def test_no_queued_job_is_lost_when_redis_restarts_with_no_worker_running(
 ) -> None:
     """Jobs wait with no worker up; Redis without persistence restarts and loses their
     messages; a worker that starts afterwards runs every one of them, each once."""
-    import redis
 
     jobs = [submit_pretrain(client, name=f"unworked-{repetition}-{i}", epochs=1) for i in range(3)]
-    broker = redis.Redis.from_url(redis_server.url)
-    assert broker.llen("gpu") == 3  # their messages are in the queue...
-    broker.close()
-    redis_server.stop()
-    redis_server.start()
-    broker = redis.Redis.from_url(redis_server.url)
-    assert broker.llen("gpu") == 0  # ...and gone with the restart
-    broker.close()
+    restart_redis_and_see_the_queue_emptied(redis_server, queued=3)
     assert all(job_row(db, job_id).status == JobStatus.QUEUED for job_id in jobs)
 
     worker = start_worker()
