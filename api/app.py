@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from fastapi import FastAPI
 
@@ -39,6 +42,20 @@ def package_version() -> str:
         return "0+unknown"
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """While the app serves, the webhook delivery pump runs; after, its pools are closed."""
+    async with webhook_lifespan(app):
+        yield
+    dispose_engines(app)
+
+
+def dispose_engines(app: FastAPI) -> None:
+    """Close the database connections of ``app``'s pools (its lifespan's end does it too)."""
+    app.state.engine.dispose()
+    app.state.read_engine.dispose()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     app = FastAPI(
@@ -48,7 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         "extractors. Every /v1 route needs `Authorization: Bearer <key>`. Every error answer "
         "is an RFC 9457 problem (`application/problem+json`, the `Problem` schema).",
         openapi_tags=TAGS,
-        lifespan=webhook_lifespan,  # the webhook delivery pump runs while the app serves
+        lifespan=lifespan,
     )
     signing_key = SigningKeySource(settings)
     if settings.environment == "production":
@@ -58,7 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     key_secret = load_key_secret(settings)
     # Pool + overflow cover the threadpool's 40 threads: a request never waits for a
     # connection while a thread is free (a waiting one gives up after the pool timeout: 503).
-    engine_options = (
+    engine_options: dict[str, Any] = (
         {}
         if settings.database_url is None
         else {
@@ -75,9 +92,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
-    app.state.read_session_factory = make_session_factory(
-        engine.execution_options(isolation_level="AUTOCOMMIT")
+    # Status polls (api.routes.jobs.get_job) read through an engine of their own: autocommit
+    # (no BEGIN and ROLLBACK around a read) and no ping at checkout (a round trip per poll).
+    # After a database restart a pooled connection's first poll answers 503 (a client
+    # retries) and SQLAlchemy drops every connection the pool made before. The two pools
+    # together hold no more connections in use than the threadpool has threads.
+    app.state.read_engine = make_engine(
+        settings.resolved_database_url,
+        pre_ping=False,
+        isolation_level="AUTOCOMMIT",
+        **engine_options,
     )
+    app.state.read_session_factory = make_session_factory(app.state.read_engine)
     app.state.store = make_artifact_store(settings)
     app.state.celery = make_celery(settings)
     app.state.signing_key = signing_key

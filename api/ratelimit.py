@@ -90,6 +90,12 @@ class Buckets(Protocol):
     def failures(self, key: str) -> tuple[int, float]:
         """Failures counted in ``key``'s current window, and seconds until it ends."""
 
+    def admit(
+        self, failure_key: str, bucket_key: str, rate: float, burst: int
+    ) -> tuple[int, float, float]:
+        """``failures(failure_key)`` and then, with ``rate`` > 0, ``take(bucket_key, ...)``:
+        the failures, the seconds until their window ends, and the wait."""
+
     def add_failure(self, key: str, window: float) -> None: ...
 
 
@@ -114,6 +120,12 @@ class MemoryBuckets:
             self._buckets[key] = (tokens, now)
             _bound(self._buckets)
             return wait
+
+    def admit(
+        self, failure_key: str, bucket_key: str, rate: float, burst: int
+    ) -> tuple[int, float, float]:
+        count, remaining = self.failures(failure_key)
+        return count, remaining, self.take(bucket_key, rate, burst) if rate > 0 else 0.0
 
     def failures(self, key: str) -> tuple[int, float]:
         now = time.monotonic()
@@ -142,25 +154,39 @@ def _bound(table: OrderedDict[str, Any]) -> None:
 # One atomic step of a token bucket stored as a Redis hash (tokens, time in ms); the time is
 # Redis's own, so every API process agrees. Returns the wait in seconds, as a string (Lua
 # numbers come back to the client truncated to integers).
-TAKE_SCRIPT = """
-local rate = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
-local state = redis.call('HMGET', KEYS[1], 'tokens', 'ms')
-local tokens = tonumber(state[1]) or burst
-local last = tonumber(state[2]) or now
-tokens = math.min(burst, tokens + math.max(0, now - last) * rate / 1000)
-local wait = 0
-if tokens >= 1 then
-  tokens = tokens - 1
-else
-  wait = (1 - tokens) / rate
+TAKE_FUNCTION = """
+local function take(key, rate, burst)
+  local clock = redis.call('TIME')
+  local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+  local state = redis.call('HMGET', key, 'tokens', 'ms')
+  local tokens = tonumber(state[1]) or burst
+  local last = tonumber(state[2]) or now
+  tokens = math.min(burst, tokens + math.max(0, now - last) * rate / 1000)
+  local wait = 0
+  if tokens >= 1 then
+    tokens = tokens - 1
+  else
+    wait = (1 - tokens) / rate
+  end
+  redis.call('HSET', key, 'tokens', tostring(tokens), 'ms', tostring(now))
+  redis.call('PEXPIRE', key, math.ceil(burst / rate * 1000) + 1000)
+  return tostring(wait)
 end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'ms', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.ceil(burst / rate * 1000) + 1000)
-return tostring(wait)
 """
+TAKE_SCRIPT = TAKE_FUNCTION + "return take(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))"
+# A known key's whole admission in one round trip (the status poll's): the client's failure
+# count and its window's milliseconds left, then, with a rate, one token of the tenant's bucket.
+ADMIT_SCRIPT = (
+    TAKE_FUNCTION
+    + """
+local count = tonumber(redis.call('GET', KEYS[1]) or '0')
+local ttl = redis.call('PTTL', KEYS[1])
+local rate = tonumber(ARGV[1])
+local wait = '0'
+if rate > 0 then wait = take(KEYS[2], rate, tonumber(ARGV[2])) end
+return {count, ttl, wait}
+"""
+)
 
 
 class RedisBuckets:
@@ -172,24 +198,37 @@ class RedisBuckets:
         # Short timeouts: a limiter that waits on a sick Redis would be the outage.
         self._client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
         self._take = self._client.register_script(TAKE_SCRIPT)
+        self._admit = self._client.register_script(ADMIT_SCRIPT)
 
     def take(self, key: str, rate: float, burst: int) -> float:
         return float(self._take(keys=[key], args=[rate, burst]))
 
     def failures(self, key: str) -> tuple[int, float]:
-        pipe = self._client.pipeline()
+        # One round trip without MULTI/EXEC: a window that ends between the two reads has
+        # a ttl of -2, which reads as no failures, as it would an instant later.
+        pipe = self._client.pipeline(transaction=False)
         pipe.get(key)
         pipe.pttl(key)
-        count, ttl = pipe.execute()
-        if count is None or ttl is None or int(ttl) <= 0:
-            return 0, 0.0
-        return int(count), int(ttl) / 1000
+        return _window(*pipe.execute())
+
+    def admit(
+        self, failure_key: str, bucket_key: str, rate: float, burst: int
+    ) -> tuple[int, float, float]:
+        count, ttl, wait = self._admit(keys=[failure_key, bucket_key], args=[rate, burst])
+        return (*_window(count, ttl), float(wait))
 
     def add_failure(self, key: str, window: float) -> None:
         pipe = self._client.pipeline()
         pipe.incr(key)
         pipe.pexpire(key, math.ceil(window * 1000), nx=True)  # the window starts at the first
         pipe.execute()
+
+
+def _window(count: Any, ttl: Any) -> tuple[int, float]:
+    """Redis's failure count and its key's ttl in ms as (failures, seconds left)."""
+    if count is None or ttl is None or int(ttl) <= 0:
+        return 0, 0.0
+    return int(count), int(ttl) / 1000
 
 
 class Limiter:
@@ -219,11 +258,44 @@ class Limiter:
         return getattr(self._memory, method)(*args)
 
     def check_rate(self, tenant: Tenant) -> None:
-        rate, burst = self.settings.rate_limit_per_second, self.settings.rate_limit_burst
-        if rate <= 0 or burst <= 0:
+        rate, burst = self._rate()
+        if rate > 0:
+            self._raise_over_rate(float(self._call("take", self._bucket_key(tenant), rate, burst)))
+
+    def check_client(self, client: str) -> None:
+        """429 while ``client`` (an IP) is throttled for failed authentications."""
+        if self.settings.auth_failure_limit > 0:
+            self._raise_throttled(*self._call("failures", self._failure_key(client)))
+
+    def admit(self, client: str, tenant: Tenant) -> None:
+        """:meth:`check_client` then :meth:`check_rate` in one step (one Redis round trip), for
+        a request whose key is known without a lookup (the status poll's cached key)."""
+        rate, burst = self._rate()
+        if self.settings.auth_failure_limit <= 0 and rate <= 0:
             return
-        wait = float(self._call("take", f"{KEY_PREFIX}rate:{tenant.id}", rate, burst))
+        count, remaining, wait = self._call(
+            "admit", self._failure_key(client), self._bucket_key(tenant), rate, burst
+        )
+        if self.settings.auth_failure_limit > 0:
+            self._raise_throttled(count, remaining)
+        self._raise_over_rate(wait)
+
+    def _rate(self) -> tuple[float, int]:
+        """The rate and burst of the tenants' buckets; a rate of 0 when either is off."""
+        rate, burst = self.settings.rate_limit_per_second, self.settings.rate_limit_burst
+        return (rate, burst) if rate > 0 and burst > 0 else (0.0, burst)
+
+    @staticmethod
+    def _bucket_key(tenant: Tenant) -> str:
+        return f"{KEY_PREFIX}rate:{tenant.id}"
+
+    @staticmethod
+    def _failure_key(client: str) -> str:
+        return f"{KEY_PREFIX}authfail:{client}"
+
+    def _raise_over_rate(self, wait: float) -> None:
         if wait > 0:
+            rate, burst = self._rate()
             raise RateLimitedError(
                 f"more than {burst} requests at once or {rate:g} per second for this tenant; "
                 f"retry after {max(1, math.ceil(wait))} s",
@@ -232,13 +304,8 @@ class Limiter:
                 burst=burst,
             )
 
-    def check_client(self, client: str) -> None:
-        """429 while ``client`` (an IP) is throttled for failed authentications."""
-        limit = self.settings.auth_failure_limit
-        if limit <= 0:
-            return
-        count, remaining = self._call("failures", f"{KEY_PREFIX}authfail:{client}")
-        if count >= limit:
+    def _raise_throttled(self, count: int, remaining: float) -> None:
+        if count >= self.settings.auth_failure_limit:
             raise AuthThrottledError(
                 f"{count} requests with a wrong API key from this address; retry after "
                 f"{max(1, math.ceil(remaining))} s",
@@ -249,7 +316,7 @@ class Limiter:
         if self.settings.auth_failure_limit <= 0:
             return
         window = self.settings.auth_failure_window_seconds
-        self._call("add_failure", f"{KEY_PREFIX}authfail:{client}", window)
+        self._call("add_failure", self._failure_key(client), window)
 
 
 def check_active_jobs(session: Session, settings: Settings, tenant: Tenant) -> None:

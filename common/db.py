@@ -11,9 +11,10 @@ from sqlalchemy import CursorResult, Engine, Result, create_engine, event, make_
 from sqlalchemy.orm import Session, sessionmaker
 
 
-def make_engine(url: str, **kwargs: Any) -> Engine:
+def make_engine(url: str, *, pre_ping: bool = True, **kwargs: Any) -> Engine:
     """An engine for ``url``; SQLite gets WAL, a busy timeout and foreign keys, so that the API
-    and the worker process can share the file."""
+    and the worker process can share the file. ``pre_ping``: a server's pooled connection is
+    tested at each checkout (a round trip), so one the server dropped is replaced unseen."""
     if url.startswith("sqlite"):
         database = make_url(url).database
         if database and database != ":memory:":
@@ -31,7 +32,7 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    return create_engine(url, pool_pre_ping=pre_ping, **kwargs)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

@@ -229,13 +229,12 @@ def authenticate(
 
     The row is found by its digest (an index lookup on a keyed hash, which tells an attacker
     nothing about near misses) and then compared again with ``hmac.compare_digest``. With a
-    ``cache`` (:class:`KeyCache`), a key it holds is answered from there without a statement.
+    ``cache`` (:class:`KeyCache`) the key found is kept there; the status poll looks there
+    first (``api.deps.authenticate_request``).
     """
     if key is None:
         raise NotAuthenticatedError("missing API key: send 'Authorization: Bearer <key>'")
     digest, legacy = key_digest(secret, key), legacy_digest(key)
-    if cache is not None and (cached := cache.get(digest)) is not None:
-        return cached
     found = session.execute(KEY_AND_TENANT, {"digest": digest, "legacy": legacy}).first()
     row, tenant = found if found is not None else (None, None)
     expected = digest if row is None or row.hash_scheme == HMAC_SCHEME else legacy

@@ -130,11 +130,11 @@ def make_tenant(clean_db: Engine, settings: Settings) -> Callable[[str], Tenant]
 
 @pytest.fixture
 def app(settings: Settings, clean_db: Engine, clean_redis: Any) -> Iterator[Any]:
-    from api.app import create_app
+    from api.app import create_app, dispose_engines
 
     application = create_app(settings)
     yield application
-    application.state.engine.dispose()
+    dispose_engines(application)
 
 
 @pytest.fixture

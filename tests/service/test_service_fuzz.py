@@ -92,11 +92,11 @@ UNLIMITED = {
 
 @pytest.fixture
 def unlimited_app(settings: Any, clean_db: Any, clean_redis: Any) -> Iterator[Any]:
-    from api.app import create_app
+    from api.app import create_app, dispose_engines
 
     application = create_app(settings.model_copy(update=UNLIMITED))
     yield application
-    application.state.engine.dispose()
+    dispose_engines(application)
 
 
 @pytest.mark.slow  # seconds of CPU or a subprocess: out of make test-fast

@@ -106,7 +106,7 @@ def test_an_upload_larger_than_its_limit_is_cut_while_it_streams(
 ) -> None:
     """Without a Content-Length, the upload parser stops at the upload limit; the middleware
     would stop it at the limit plus the form's fields anyway."""
-    from api.app import create_app
+    from api.app import create_app, dispose_engines
 
     small = settings.model_copy(update={"max_upload_bytes": 4096})
     application = create_app(small)
@@ -136,7 +136,7 @@ def test_an_upload_larger_than_its_limit_is_cut_while_it_streams(
         assert pulled <= 4096 + 3 * MiB, pulled
         assert stored_files(small) == [] and rows(clean_db, Job) == 0
     finally:
-        application.state.engine.dispose()
+        dispose_engines(application)
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from servicekit import ROOT, add_model_row, problem, problem_errors, settings_en
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.ratelimit import Limiter, MemoryBuckets, RateLimitedError
+from api.ratelimit import AuthThrottledError, Limiter, MemoryBuckets, RateLimitedError
 from common.models import ApiKey, Tenant
 from common.settings import Settings
 
@@ -40,7 +40,7 @@ def limited_client(settings: Settings, clean_db: Any, clean_redis: Any) -> Calla
     """A test client of an app whose settings differ from the fixture's by ``overrides``."""
     from fastapi.testclient import TestClient
 
-    from api.app import create_app
+    from api.app import create_app, dispose_engines
 
     @contextmanager
     def make(**overrides: Any) -> Iterator[Any]:
@@ -49,7 +49,7 @@ def limited_client(settings: Settings, clean_db: Any, clean_redis: Any) -> Calla
             with TestClient(application) as client:
                 yield client
         finally:
-            application.state.engine.dispose()
+            dispose_engines(application)
 
     return make
 
@@ -102,6 +102,43 @@ def test_failed_authentication_is_throttled_per_client(limited_client, make_tena
         body = problem(response, 429)
         assert body["type"].endswith("/authentication-throttled"), body
         assert 1 <= int(response.headers["Retry-After"]) <= 60
+
+
+def test_a_poll_with_a_cached_key_is_limited_like_any_request(
+    limited_client, make_tenant, clean_redis
+) -> None:
+    """A status poll whose key this process already knows checks the client's throttle and
+    the tenant's rate in one Redis script (``Limiter.admit``): the same 429s, the same bucket."""
+    tenant = make_tenant("poller")
+    with limited_client(rate_limit_per_second=0.2, rate_limit_burst=3) as client:
+        job = client.post("/v1/jobs/pretrain", json=PRETRAIN, headers=tenant.headers)
+        poll = f"/v1/jobs/{job.json()['id']}"
+        assert client.get(poll, headers=tenant.headers).status_code == 200  # looked up
+        assert client.get(poll, headers=tenant.headers).status_code == 200  # cached
+        body = problem(client.get(poll, headers=tenant.headers), 429)
+        assert body["type"].endswith("/rate-limited"), body
+    keys = {key.decode() for key in clean_redis.keys("bulwark:limits:rate:*")}
+    assert keys == {f"bulwark:limits:rate:{tenant.id}"}
+    with limited_client(auth_failure_limit=2, auth_failure_window_seconds=60) as client:
+        assert client.get(poll, headers=tenant.headers).status_code == 200
+        for guess in range(2):
+            wrong = {"Authorization": f"Bearer bwk_guess{guess}"}
+            problem(client.get(poll, headers=wrong), 401)
+        # The key is cached, but the address is throttled: refused all the same.
+        body = problem(client.get(poll, headers=tenant.headers), 429)
+        assert body["type"].endswith("/authentication-throttled"), body
+
+
+def test_admission_in_process_checks_the_throttle_then_the_rate() -> None:
+    settings = Settings(rate_limit_per_second=0.1, rate_limit_burst=1, auth_failure_limit=1)
+    limiter = Limiter(settings, redis_url=None)
+    tenant = Tenant(id=uuid.uuid4(), name="embedded")
+    limiter.admit("10.0.0.1", tenant)
+    with pytest.raises(RateLimitedError):
+        limiter.admit("10.0.0.1", tenant)
+    limiter.record_failure("10.0.0.2")
+    with pytest.raises(AuthThrottledError):
+        limiter.admit("10.0.0.2", Tenant(id=uuid.uuid4(), name="other"))
 
 
 def npz_bytes() -> bytes:
@@ -306,7 +343,7 @@ def test_a_poll_trusts_a_key_it_authenticated_for_auth_cache_seconds_only(
 
     from fastapi.testclient import TestClient
 
-    from api.app import create_app
+    from api.app import create_app, dispose_engines
 
     tenant = make_tenant("polling")
     cached = settings.model_copy(update={"auth_cache_seconds": 1.0})
@@ -326,7 +363,7 @@ def test_a_poll_trusts_a_key_it_authenticated_for_auth_cache_seconds_only(
         # A wrong key is never cached: it counts as a failure every time.
         wrong = {"Authorization": "Bearer bwk_" + "x" * 43}
         problem(client.get(f"/v1/jobs/{job}", headers=wrong), 401)
-    app.state.engine.dispose()
+    dispose_engines(app)
     # Without the cache (0) a revoked key stops polling at once.
     other = make_tenant("uncached")
     app = create_app(settings.model_copy(update={"auth_cache_seconds": 0.0}))
@@ -335,7 +372,7 @@ def test_a_poll_trusts_a_key_it_authenticated_for_auth_cache_seconds_only(
         assert client.get(f"/v1/jobs/{job}", headers=other.headers).status_code == 200
         assert tenants_cli(settings, "revoke", "uncached").returncode == 0
         problem(client.get(f"/v1/jobs/{job}", headers=other.headers), 401)
-    app.state.engine.dispose()
+    dispose_engines(app)
 
 
 def test_a_tenant_rotates_its_own_key(client, make_tenant) -> None:

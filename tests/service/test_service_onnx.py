@@ -102,7 +102,7 @@ def test_with_onnx_off_an_onnx_upload_is_a_415_saying_why(
 ) -> None:
     from fastapi.testclient import TestClient
 
-    from api.app import create_app
+    from api.app import create_app, dispose_engines
 
     off = settings.model_copy(update={"onnx_enabled": False})
     application = create_app(off)
@@ -110,7 +110,7 @@ def test_with_onnx_off_an_onnx_upload_is_a_415_saying_why(
         with TestClient(application) as client:
             response = upload(client, make_tenant("a"), _onnx())
     finally:
-        application.state.engine.dispose()
+        dispose_engines(application)
     assert response.status_code == 415, response.text
     detail = problem(response, 415)["detail"]
     assert "its workers have no ONNX converter" in detail and "BULWARK_ONNX_ENABLED" in detail
@@ -183,7 +183,7 @@ def test_with_onnx_on_an_oversized_onnx_upload_is_a_413(
 ) -> None:
     from fastapi.testclient import TestClient
 
-    from api.app import create_app
+    from api.app import create_app, dispose_engines
 
     small = settings.model_copy(update={"max_upload_bytes": 64})
     application = create_app(small)
@@ -191,7 +191,7 @@ def test_with_onnx_on_an_oversized_onnx_upload_is_a_413(
         with TestClient(application) as client:
             response = upload(client, make_tenant("a"), _onnx(graph=b"\x0a\x05input" * 20))
     finally:
-        application.state.engine.dispose()
+        dispose_engines(application)
     assert response.status_code == 413, response.text
     assert rows(clean_db, Job) == 0 and stored_files(small) == []
 

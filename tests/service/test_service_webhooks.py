@@ -344,7 +344,7 @@ def test_bad_registrations_get_a_422_naming_the_field(
 def test_private_targets_are_refused_unless_allowed(
     app, pumpless, settings, make_tenant, receiver, clean_db
 ) -> None:
-    from api.app import create_app
+    from api.app import create_app, dispose_engines
 
     strict = create_app(settings.model_copy(update={"webhook_allow_private_targets": False}))
     try:
@@ -356,7 +356,7 @@ def test_private_targets_are_refused_unless_allowed(
             [error] = problem_errors(response)
             assert error["loc"] == ["body", "url"] and "public addresses only" in error["msg"]
     finally:
-        strict.state.engine.dispose()
+        dispose_engines(strict)
 
     # Registered while allowed, refused at delivery once not: checked again before each send.
     hook = register(pumpless, tenant, f"{receiver.url}/x")
