@@ -37,7 +37,8 @@ def fashion():
 def reports(fashion, tmp_path_factory) -> dict[str, dict]:
     """Audit reports of the undefended and the adversarially pre-trained model."""
     out = {}
-    # The same split (so the same instances); AT gets PGD-3 and 4 epochs to keep this fast.
+    # The same split (so the same instances); AT gets one PGD step and 4 epochs to keep this
+    # fast (the module took 263 s alone on the 2-core AVX512_BF16 EPYC, float32, two threads).
     for defense, epochs in (("none", 6), ("at", 4)):
         config = pretrain_config(
             dataset="fashion-mnist",
@@ -47,7 +48,7 @@ def reports(fashion, tmp_path_factory) -> dict[str, dict]:
             arch="convnet",
             split=SPLIT,
             seed=0,
-            pgd_steps=3,
+            pgd_steps=1,
             precision="float32",
         )
         model_dir = Path(tmp_path_factory.mktemp(f"fashion-{defense}"))
