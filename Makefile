@@ -26,15 +26,20 @@ demo: $(STAMP) system
 system:
 	scripts/ensure-system
 
+# The tests run in TEST_PROCESSES pytest-xdist processes, one file per process at a time (a
+# module's fixtures are built once): the waits of the service tests on their worker and
+# server processes overlap the other process's CPU work. TEST_PROCESSES=0: one process.
+TEST_PROCESSES ?= 2
+PYTEST := $(BIN)/pytest -q -n $(TEST_PROCESSES) --dist loadfile
+
 # Everything: lint, format, types, and every test (slow ones and real worker processes too).
 test: lint system
 	$(BIN)/mypy
-	$(BIN)/pytest -q
+	$(PYTEST)
 
-# The inner loop: lint and the tests not marked slow or e2e (pyproject markers); about three
-# minutes of tests on 2 idle cores (the aim is two).
+# The inner loop: lint and the tests not marked slow or e2e (pyproject markers).
 test-fast: lint system
-	$(BIN)/pytest -q -m "not slow and not e2e"
+	$(PYTEST) -m "not slow and not e2e"
 
 # The reliability suite in full (tests/reliability, README): each fault 5 times against its own
 # Postgres cluster and Redis. `make test` (so CI) runs each fault once.

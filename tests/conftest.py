@@ -22,10 +22,12 @@ from core.datasets import load_dataset
 # may use, at least one: on the 2-core test machine one thread, since pytest shares the cores
 # with worker processes and the other tests' subprocesses, and two spinning OpenMP threads on
 # a busy core make the small convs here several times slower. Modules marked slow (real
-# pre-training and audits on Fashion-MNIST, nothing else running) get every core: measured on
+# pre-training and audits on Fashion-MNIST) get every core when they run alone: measured on
 # the 2-core AMD EPYC, tests/test_attack_strength.py took 8m20s on one thread, 4m20s on two.
+# Under pytest-xdist (make test: two processes) each process gets its share of the cores.
 # BULWARK_TEST_THREADS overrides the default (to measure, or on a bigger machine).
-ALL_THREADS = len(os.sched_getaffinity(0))
+TEST_PROCESSES = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+ALL_THREADS = max(1, len(os.sched_getaffinity(0)) // TEST_PROCESSES)
 DEFAULT_THREADS = int(os.environ.get("BULWARK_TEST_THREADS", max(1, ALL_THREADS // 2)))
 torch.set_num_threads(DEFAULT_THREADS)
 
@@ -43,11 +45,15 @@ def _reference_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]
         os.environ["BULWARK_CACHE_DIR"] = before
 
 
+def slow_module(module: object) -> bool:
+    """Whether a whole test module is marked slow (its ``pytestmark``)."""
+    marks = getattr(module, "pytestmark", [])
+    return any(mark.name == "slow" for mark in (marks if isinstance(marks, list) else [marks]))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _slow_modules_use_every_core(request: pytest.FixtureRequest) -> Iterator[None]:
-    marks = getattr(request.module, "pytestmark", [])
-    slow = any(mark.name == "slow" for mark in (marks if isinstance(marks, list) else [marks]))
-    torch.set_num_threads(ALL_THREADS if slow else DEFAULT_THREADS)
+    torch.set_num_threads(ALL_THREADS if slow_module(request.module) else DEFAULT_THREADS)
     yield
     torch.set_num_threads(DEFAULT_THREADS)
 
@@ -63,6 +69,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         fixtures = set(getattr(item, "fixturenames", ()))
         if fixtures & E2E_FIXTURES or item.path.name in E2E_MODULES:
             item.add_marker(pytest.mark.e2e)
+    # The slow modules (minutes each) first, so that under pytest-xdist they start at once and
+    # the short files fill the other process meanwhile, instead of one ending the run alone.
+    # A stable sort by module: each module's tests stay together, in their order.
+    items.sort(key=lambda item: not slow_module(getattr(item, "module", None)))
 
 
 QUICK_DIGITS = {"epochs": 3, "arch": "convnet", "recipe": "quick", "seed": 0, "batch_size": 64}

@@ -97,7 +97,7 @@ def clean_redis(redis_url: str) -> Any:
     import redis
 
     client = redis.Redis.from_url(redis_url)
-    client.flushdb()  # database 13 belongs to these tests
+    client.flushdb()  # this test process's own database (servicekit.REDIS)
     yield client
     client.close()
 

@@ -23,7 +23,10 @@ ROOT = Path(__file__).resolve().parents[2]
 POSTGRES = os.environ.get(
     "BULWARK_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
-REDIS = os.environ.get("BULWARK_TEST_REDIS", "redis://127.0.0.1:6379/13")
+# One Redis database per test process, since the tests flush theirs: 13 for a plain run, 13,
+# 12, ... for pytest-xdist's workers gw0, gw1, ... (make test runs two).
+XDIST_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+REDIS = os.environ.get("BULWARK_TEST_REDIS", f"redis://127.0.0.1:6379/{13 - XDIST_WORKER}")
 TABLES = ("reports", "datasets", "jobs", "models", "api_keys", "tenants")
 
 
