@@ -91,10 +91,11 @@ class Buckets(Protocol):
         """Failures counted in ``key``'s current window, and seconds until it ends."""
 
     def admit(
-        self, failure_key: str, bucket_key: str, rate: float, burst: int
+        self, failure_key: str, limit: int, bucket_key: str, rate: float, burst: int
     ) -> tuple[int, float, float]:
-        """``failures(failure_key)`` and then, with ``rate`` > 0, ``take(bucket_key, ...)``:
-        the failures, the seconds until their window ends, and the wait."""
+        """``failures(failure_key)`` and then, unless they reach ``limit`` (0: no limit) or
+        ``rate`` is 0, ``take(bucket_key, ...)``: the failures, the seconds until their
+        window ends, and the wait (0 where no token was taken)."""
 
     def add_failure(self, key: str, window: float) -> None: ...
 
@@ -122,10 +123,15 @@ class MemoryBuckets:
             return wait
 
     def admit(
-        self, failure_key: str, bucket_key: str, rate: float, burst: int
+        self, failure_key: str, limit: int, bucket_key: str, rate: float, burst: int
     ) -> tuple[int, float, float]:
         count, remaining = self.failures(failure_key)
-        return count, remaining, self.take(bucket_key, rate, burst) if rate > 0 else 0.0
+        throttled = 0 < limit <= count
+        return (
+            count,
+            remaining,
+            self.take(bucket_key, rate, burst) if rate > 0 and not throttled else 0.0,
+        )
 
     def failures(self, key: str) -> tuple[int, float]:
         now = time.monotonic()
@@ -175,15 +181,20 @@ end
 """
 TAKE_SCRIPT = TAKE_FUNCTION + "return take(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))"
 # A known key's whole admission in one round trip (the status poll's): the client's failure
-# count and its window's milliseconds left, then, with a rate, one token of the tenant's bucket.
+# count and its window's milliseconds left, then, with a rate and unless the client is
+# throttled (a throttled request takes no token, as on the path with a lookup), one token of
+# the tenant's bucket. ARGV: the failure limit (0: none), the rate, the burst.
 ADMIT_SCRIPT = (
     TAKE_FUNCTION
     + """
 local count = tonumber(redis.call('GET', KEYS[1]) or '0')
 local ttl = redis.call('PTTL', KEYS[1])
-local rate = tonumber(ARGV[1])
+local limit = tonumber(ARGV[1])
+local rate = tonumber(ARGV[2])
 local wait = '0'
-if rate > 0 then wait = take(KEYS[2], rate, tonumber(ARGV[2])) end
+if rate > 0 and (limit <= 0 or count < limit) then
+  wait = take(KEYS[2], rate, tonumber(ARGV[3]))
+end
 return {count, ttl, wait}
 """
 )
@@ -212,9 +223,9 @@ class RedisBuckets:
         return _window(*pipe.execute())
 
     def admit(
-        self, failure_key: str, bucket_key: str, rate: float, burst: int
+        self, failure_key: str, limit: int, bucket_key: str, rate: float, burst: int
     ) -> tuple[int, float, float]:
-        count, ttl, wait = self._admit(keys=[failure_key, bucket_key], args=[rate, burst])
+        count, ttl, wait = self._admit(keys=[failure_key, bucket_key], args=[limit, rate, burst])
         return (*_window(count, ttl), float(wait))
 
     def add_failure(self, key: str, window: float) -> None:
@@ -271,12 +282,13 @@ class Limiter:
         """:meth:`check_client` then :meth:`check_rate` in one step (one Redis round trip), for
         a request whose key is known without a lookup (the status poll's cached key)."""
         rate, burst = self._rate()
-        if self.settings.auth_failure_limit <= 0 and rate <= 0:
+        limit = max(0, self.settings.auth_failure_limit)
+        if limit == 0 and rate <= 0:
             return
         count, remaining, wait = self._call(
-            "admit", self._failure_key(client), self._bucket_key(tenant), rate, burst
+            "admit", self._failure_key(client), limit, self._bucket_key(tenant), rate, burst
         )
-        if self.settings.auth_failure_limit > 0:
+        if limit > 0:
             self._raise_throttled(count, remaining)
         self._raise_over_rate(wait)
 
