@@ -645,6 +645,26 @@ def protocol_line(report: AuditReport) -> str:
     )
 
 
+def sequential_line(report: AuditReport) -> str | None:
+    """How a sequential audit ran (its rounds and looks, what stopped it, the crafting work it
+    saved); None for an audit that crafted every instance in one go."""
+    facts = report.sequential
+    if facts is None:
+        return None
+    early = (
+        f", instances whose poisons succeed stopped every {facts.early_stop_every} iterations"
+        if facts.early_stop_every
+        else ""
+    )
+    return (
+        f"{facts.instances_run} of {facts.instances_planned} planned instances in "
+        f"{facts.rounds_run} of {facts.rounds_planned} rounds, the verdict looked at after each "
+        f"at {100 * facts.look_confidence:.4g}%{early}; {facts.stopped}; crafting work "
+        f"{facts.crafting_work:,} of {facts.crafting_work_full:,} poison passes "
+        f"({percent(facts.work_fraction, 0)})"
+    )
+
+
 def _table(columns: tuple[str, ...], rows: list[tuple[str, ...]], *, markdown: bool) -> list[str]:
     """A markdown table, or plain text in aligned columns."""
     if markdown:
@@ -693,6 +713,9 @@ def render_asr_table(report: AuditReport, *, markdown: bool = False) -> str:
         lines += [budget_title(curve) + ":", *gap]
         lines += [*_table(BUDGET_COLUMNS, budget_rows(curve), markdown=markdown), *gap]
     lines.append(f"protocol: {protocol_line(report)}")
+    sequential = sequential_line(report)
+    if sequential is not None:
+        lines.append(f"sequential: {sequential}")
     if report.screen is not None:
         lines.append(screen_line(report.screen))
     return "\n".join(lines)

@@ -40,6 +40,7 @@ from core.report import (
     reach_lines,
     reference_line,
     screen_line,
+    sequential_line,
 )
 from core.verdict import Check, Verdict
 
@@ -500,6 +501,7 @@ def render_report_html(
     pre_acc = "?" if report.pre_acc is None else percent(report.pre_acc, 2)
     if report.pre_acc_source is not None:
         pre_acc += f" ({report.pre_acc_source})"
+    sequential = sequential_line(report)
     model_facts = [
         ("model", model.path),
         ("architecture", model.arch),
@@ -510,6 +512,7 @@ def render_report_html(
         ("dataset", dataset.name),
         ("classes", ", ".join(dataset.classes)),
         ("protocol", protocol_line(report)),
+        *([("sequential", sequential)] if sequential is not None else []),
         ("screen", screen_line(report.screen) if report.screen is not None else "not run"),
         ("created", report.created_at),
     ]

@@ -196,3 +196,37 @@ def test_a_v3_report_without_the_correct_target_headline_uses_all_instances(
     text = render_asr_table(report.model_copy(update={"attacks": attacks}), markdown=markdown)
     assert "15.0% (6/40)" in text and "32.5% (13/40)" in text
     assert "excluded from the headline" not in text and "lower bound" not in text
+
+
+def test_a_sequential_audit_says_how_it_ran_and_the_work_it_saved() -> None:
+    """The rounds run of those planned, the look's confidence, what stopped it and the
+    crafting work against a full audit's, in the terminal table, the card's markdown and the
+    HTML page (one line, core.report.sequential_line); an audit in one go has no such line."""
+    from core.report import SequentialFacts
+    from core.report_page import render_report_html
+
+    plain = full_report()
+    assert "sequential:" not in render_asr_table(plain)
+    facts = SequentialFacts(
+        rounds_planned=4,
+        rounds_run=2,
+        instances_planned=80,
+        instances_run=40,
+        look_confidence=0.9875,
+        stopped="fail decided after round 2 of 4 at 98.75% per look: BP fails",
+        early_stop_every=25,
+        crafting_work=30_000,
+        crafting_work_full=120_000,
+    )
+    report = plain.model_copy(update={"sequential": facts})
+    expected = (
+        "sequential: 40 of 80 planned instances in 2 of 4 rounds, the verdict looked at after "
+        "each at 98.75%, instances whose poisons succeed stopped every 25 iterations; fail "
+        "decided after round 2 of 4 at 98.75% per look: BP fails; crafting work 30,000 of "
+        "120,000 poison passes (25%)"
+    )
+    assert expected in render_asr_table(report).splitlines()
+    assert expected in render_asr_table(report, markdown=True).splitlines()
+    page = render_report_html(report, {})
+    assert "<dt>sequential</dt><dd>40 of 80 planned instances" in page
+    assert "crafting work 30,000 of 120,000 poison passes (25%)</dd>" in page
