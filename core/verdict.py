@@ -10,10 +10,13 @@ policy's confidence:
   the baseline re-training run on the same instances, so the difference is read from the
   pairs: with p10 the rate of instances the poisons won and the baseline did not, and p01 the
   reverse, ASR - baseline = p10 - p01 <= p10. The upper bound is p10's Wilson upper bound at
-  the policy's confidence (one bound: exact level); the lower bound is p10's lower bound
-  minus p01's upper bound, each at half the error (a union bound keeps the pair at the
-  policy's confidence). A report without the pairs (before /3) falls back to the ASR's and the
-  baseline's own bounds, each at half the error.
+  the policy's confidence (one bound: exact level); the lower bound is that of Newcombe's
+  hybrid score interval for a difference of paired rates (:func:`paired_difference_lower`),
+  at the policy's confidence. (It replaced p10's lower bound minus p01's upper bound, each at
+  half the error: a union bound that, with no baseline-only win seen, charged the full upper
+  bound of a zero rate and kept a 40-instance look from deciding a 27-point excess.) A report
+  without the pairs (before /3) falls back to the ASR's and the baseline's own bounds, each
+  at half the error.
 - ``max_asr_relative_to_reference``: the model's ASR over the reference's (the undefended
   model audited on the same instances: independent re-trainings), bounded below by the
   model's lower bound over the reference's upper bound and above by the model's upper bound
@@ -95,6 +98,34 @@ def difference_interval(
     lower = difference - math.sqrt((p1 - low1) ** 2 + (high2 - p2) ** 2)
     upper = difference + math.sqrt((high1 - p1) ** 2 + (p2 - low2) ** 2)
     return (max(-1.0, lower), min(1.0, upper))
+
+
+def paired_difference_lower(
+    both: int, first_only: int, second_only: int, neither: int, z: float
+) -> float:
+    """The lower end of Newcombe's hybrid score interval for p1 - p2 of two rates measured on
+    the same trials (Newcombe 1998, "Improving the confidence interval for the difference
+    between two paired proportions", method 10): the 2x2 table's cells are the trials both
+    succeeded on, only the first, only the second, neither. Each rate's Wilson bound at ``z``
+    (a one-sided bound at ``NormalDist().cdf(z)``), combined through the rates' correlation
+    phi, whose positive part is continuity-corrected (ad - bc less n/2, at least 0), as
+    Newcombe's method does: the correction only widens the interval. phi is 0 where a margin
+    is empty. Approximate, like the Wilson bounds it is made of."""
+    trials = both + first_only + second_only + neither
+    if trials == 0:
+        return -1.0
+    first, second = both + first_only, both + second_only
+    p1, p2 = first / trials, second / trials
+    low1 = wilson_interval(first, trials, z)[0]
+    high2 = wilson_interval(second, trials, z)[1]
+    margins = first * (second_only + neither) * second * (first_only + neither)
+    association = float(both * neither - first_only * second_only)
+    if association > 0:
+        association = max(0.0, association - trials / 2)
+    phi = association / math.sqrt(margins) if margins else 0.0
+    below, above = p1 - low1, high2 - p2
+    spread = below * below - 2 * phi * below * above + above * above
+    return max(-1.0, (p1 - p2) - math.sqrt(max(0.0, spread)))
 
 
 def one_sided_z(confidence: float) -> float:
@@ -180,10 +211,9 @@ def _checks(
             if discordant is not None:
                 poisons_only, baseline_only = discordant
                 upper = wilson_interval(poisons_only, n, z)[1]
-                lower = (
-                    wilson_interval(poisons_only, n, z_half)[0]
-                    - wilson_interval(baseline_only, n, z_half)[1]
-                )
+                both = max(0, asr.successes - poisons_only)
+                neither = max(0, n - both - poisons_only - baseline_only)
+                lower = paired_difference_lower(both, poisons_only, baseline_only, neither, z)
             else:
                 asr_low, asr_high = wilson_interval(asr.successes, n, z_half)
                 base_low, base_high = wilson_interval(baseline.successes, baseline.trials, z_half)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from pydantic import ValidationError
@@ -17,7 +18,13 @@ from core.report import (
     ModelFacts,
     read_report,
 )
-from core.verdict import decide, one_sided_z, render_verdict, wilson_interval
+from core.verdict import (
+    decide,
+    one_sided_z,
+    paired_difference_lower,
+    render_verdict,
+    wilson_interval,
+)
 
 ZERO = MeanStd(mean=0.0, std=0.0)
 
@@ -123,10 +130,9 @@ def test_asr_above_baseline_is_bounded_from_the_paired_instances():
     (check,) = decide(_report(paired), policy).checks
     assert check.upper == pytest.approx(wilson_interval(3, 120, z)[1])
     assert check.outcome == "pass" and check.observed == pytest.approx(3 / 120)
+    # 18 ASR successes with 3 the baseline did not have: 15 both, 3 poisons only, 102 neither.
+    assert check.lower == pytest.approx(paired_difference_lower(15, 3, 0, 102, z))
     z_half = one_sided_z(0.975)
-    assert check.lower == pytest.approx(
-        wilson_interval(3, 120, z_half)[0] - wilson_interval(0, 120, z_half)[1]
-    )
     (loose,) = decide(_report(unpaired), policy).checks
     assert loose.outcome == "inconclusive" and loose.upper > check.upper
     assert loose.upper == pytest.approx(
@@ -135,9 +141,39 @@ def test_asr_above_baseline_is_bounded_from_the_paired_instances():
     # Poisons that win where the baseline loses, many times over: a failure.
     (fails,) = decide(_report(paired.model_copy(update={"discordant": (40, 1)})), policy).checks
     assert fails.outcome == "fail"
-    assert fails.lower == pytest.approx(
-        wilson_interval(40, 120, z_half)[0] - wilson_interval(1, 120, z_half)[1]
+    assert fails.lower == pytest.approx(paired_difference_lower(0, 40, 1, 79, z))
+
+
+def test_the_paired_lower_bound_is_newcombes():
+    """Newcombe's method 10, computed by hand: the Wilson bounds of the two rates combined in
+    quadrature, through their correlation where the table has one."""
+    z = one_sided_z(0.95)
+    # No association (a margin with a zero cell): phi = 0, the plain square-and-add bound.
+    p1, p2 = 16 / 60, 0.0
+    expected = (p1 - p2) - math.sqrt(
+        (p1 - wilson_interval(16, 60, z)[0]) ** 2 + (wilson_interval(0, 60, z)[1] - p2) ** 2
     )
+    assert paired_difference_lower(0, 16, 0, 44, z) == pytest.approx(expected)
+    # Positively associated rates (both won on the same 10 of 100): phi, less its continuity
+    # correction, narrows the interval.
+    a, b, c, d = 10, 12, 3, 75
+    n = a + b + c + d
+    p1, p2 = (a + b) / n, (a + c) / n
+    below = p1 - wilson_interval(a + b, n, z)[0]
+    above = wilson_interval(a + c, n, z)[1] - p2
+    phi = (a * d - b * c - n / 2) / math.sqrt((a + b) * (c + d) * (a + c) * (b + d))
+    expected = (p1 - p2) - math.sqrt(below**2 - 2 * phi * below * above + above**2)
+    assert paired_difference_lower(a, b, c, d, z) == pytest.approx(expected)
+    assert expected > (p1 - p2) - math.sqrt(below**2 + above**2)
+    # The union bound it replaced (each rate's bound at half the error, added) was looser:
+    # this 40-instance look of 27% over a zero baseline could not fail a 10-point limit.
+    z_half = one_sided_z(1 - 0.0125 / 2)
+    union = wilson_interval(16, 60, z_half)[0] - wilson_interval(0, 60, z_half)[1]
+    paired = paired_difference_lower(0, 16, 0, 44, one_sided_z(0.9875))
+    assert union < 0.1 < paired
+    # More confidence, a lower bound; no trials, no bound.
+    assert paired_difference_lower(0, 16, 0, 44, one_sided_z(0.99)) < paired
+    assert paired_difference_lower(0, 0, 0, 0, z) == -1.0
 
 
 def test_a_small_sample_is_inconclusive():
