@@ -6,7 +6,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-reliability lint system bench bench-pretrain bench-attacks
+.PHONY: demo test test-fast test-reliability lint system bench bench-pretrain bench-attacks \
+	bench-sequential
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,3 +62,8 @@ bench-pretrain: $(STAMP)
 bench-attacks: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python bench/bench_attacks.py
+
+# Sequential against full audits of the four defenses (issue 10's target): about 15 minutes
+# on 2 cores, models and reports under runs/bench-sequential.
+bench-sequential: $(STAMP) system
+	$(BIN)/python bench/bench_sequential.py --out runs/bench-sequential
