@@ -659,7 +659,7 @@ def sequential_line(report: AuditReport) -> str | None:
     return (
         f"{facts.instances_run} of {facts.instances_planned} planned instances in "
         f"{facts.rounds_run} of {facts.rounds_planned} rounds, the verdict looked at after each "
-        f"at {100 * facts.look_confidence:.4g}%{early}; {facts.stopped}; crafting work "
+        f"at {100 * facts.look_confidence:.4g}%{early}; {facts.stopped.rstrip('.')}; crafting work "
         f"{facts.crafting_work:,} of {facts.crafting_work_full:,} poison passes "
         f"({percent(facts.work_fraction, 0)})"
     )

@@ -42,7 +42,7 @@ from core.report import (
     screen_line,
     sequential_line,
 )
-from core.verdict import Check, Verdict
+from core.verdict import BOUNDS, Check, Verdict, policy_source
 
 # Chart geometry, in SVG user units: the plot spans PLOT_HEIGHT for 0-100%.
 PLOT_HEIGHT = 300.0
@@ -471,17 +471,14 @@ def _verdict_section(verdict: Verdict) -> list[str]:
         )
         for check in verdict.checks
     ]
-    policy = (
-        f"policy version {verdict.policy_version}"
-        if verdict.policy_version is not None
-        else "policy given with the audit"
-    )
+    policy = policy_source(verdict) or "policy given with the audit"
     return [
         "<h2>Verdict</h2>",
         f'<div class="verdict {escape(verdict.outcome)}">'
         f'<p class="outcome">{escape(verdict.outcome)}</p>'
         f"<p>{escape(verdict.reason)}</p>"
-        f"<p>One-sided Wilson bounds at {escape(f'{100 * verdict.confidence:g}')}% confidence; "
+        f"<p>Decided at {escape(f'{100 * verdict.confidence:g}')}% confidence by "
+        f"{escape(BOUNDS)}; "
         f"{escape(policy)}.</p></div>",
         _table(CHECK_COLUMNS, rows) if rows else "",
     ]

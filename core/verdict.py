@@ -471,6 +471,8 @@ def futile(
 
 
 CHECK_COLUMNS = ("attack", "threshold", "limit", "observed", "bounds", "outcome")
+# What the checks' bounds are, for a reader of a verdict (the HTML page, the model card).
+BOUNDS = "one-sided score bounds (Wilson; Newcombe's for ASR above baseline)"
 
 
 def policy_source(verdict: Verdict) -> str | None:

@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from report_fixtures import CLASSES, full_report, legacy_report
 
+from catalog.policy import DEFAULT_POLICY
 from core.pictures import MIN_TILE, poison_grid_png
 from core.report import AuditReport, percent
 from core.report_page import (
@@ -296,6 +297,12 @@ def test_the_page_has_every_section_of_a_v3_report_escaped() -> None:
     positions = [page.index(section) for section in sections]
     assert positions == sorted(positions)
     assert 'class="verdict inconclusive"' in page
+    # How it was decided: the confidence, the bounds, which policy (a policy file's here).
+    assert "Decided at 95% confidence by one-sided score bounds (Wilson; Newcombe" in page
+    assert "; policy given with the audit.</p>" in page
+    assert "; default policy.</p>" in render_report_html(
+        full_report(policy=DEFAULT_POLICY), {"fc": sample_grid()}
+    )
     assert "max_asr_relative_to_reference" in page and "0.50x" in page
     assert "-31.7 pp [-50.2, -8.9]" in page  # the comparison table
     assert "pre-trained by Bulwark without a defense (auto)" in page

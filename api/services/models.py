@@ -54,7 +54,7 @@ from common.settings import Settings
 from common.specs import ImportJobSpec
 from core.archives import ArchiveError, ArchiveLimits, inspect_archive
 from core.report import AuditReport, percent, read_report, render_asr_table
-from core.verdict import policy_source
+from core.verdict import BOUNDS, policy_source
 
 # Form integers (input_shape) must fit the Integer columns they end in.
 MAX_FORM_INT = 2**31 - 1
@@ -746,7 +746,7 @@ def _card_body(model: StoredModel, reports: list[tuple[Report, AuditReport]]) ->
             source = policy_source(verdict)
             lines += [
                 f"**Verdict: {verdict.outcome.upper()}** ({source or 'policy'}, confidence "
-                f"{100 * verdict.confidence:g}%, one-sided Wilson bounds). {verdict.reason}",
+                f"{100 * verdict.confidence:g}%, {BOUNDS}). {verdict.reason}",
                 "",
             ]
             if verdict.policy is not None:
