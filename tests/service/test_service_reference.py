@@ -213,3 +213,42 @@ def test_a_reference_of_another_tenant_or_the_model_itself_is_a_422(
     # Refused before anything is written or queued.
     with Session(clean_db) as session:
         assert session.scalar(select(func.count()).select_from(Job)) == 0
+
+
+def test_a_sequential_audit_through_the_service_stops_at_the_first_decided_look(
+    client: Any, make_tenant: Any, start_worker: Any
+) -> None:
+    """An audit request with ``overrides.sequential`` runs in rounds under the tenant's stored
+    policy: a policy every result meets decides at the first of two looks, so half the
+    instances are crafted, the report says so (its verdict at the per-look confidence), and the
+    HTML page shows how it ran."""
+    worker = start_worker()
+    tenant = make_tenant("lab")
+    stored = client.put("/v1/policy", headers=tenant.headers, json={"default": {"max_asr": 1.0}})
+    assert stored.status_code == 201, stored.text
+    model_id = pretrained(client, tenant, worker, "none", "digits-none")
+    body = {
+        **AUDIT,
+        "model_id": model_id,
+        "reference": "none",
+        "targets_per_pair": 2,
+        "overrides": {**AUDIT["overrides"], "sequential": True, "rounds": 2},
+    }
+    submitted = client.post("/v1/jobs/audit", headers=tenant.headers, json=body)
+    assert submitted.status_code == 202, submitted.text
+    job = wait_job(client, tenant, submitted.json()["id"], timeout=240)
+    assert job["status"] == "succeeded", (job["error"], worker.output()[-3000:])
+    report = client.get(job["report_url"], headers=tenant.headers).json()["body"]
+    facts = report["sequential"]
+    assert facts["rounds_planned"] == 2 and facts["rounds_run"] == 1
+    assert facts["instances_planned"] == 4 and facts["instances_run"] == 2
+    assert len(report["instances"]) == 2
+    assert facts["stopped"].startswith("pass decided after round 1 of 2")
+    assert facts["crafting_work"] < facts["crafting_work_full"]
+    assert report["verdict"]["outcome"] == "pass"
+    assert report["verdict"]["confidence"] == facts["look_confidence"] == 1 - 0.05 / 2
+    assert report["verdict"]["policy_version"] == 1
+    page = client.get(f"/v1/jobs/{job['id']}/report.html", headers=tenant.headers)
+    assert page.status_code == 200, page.text
+    assert "<dt>sequential</dt><dd>2 of 4 planned instances in 1 of 2 rounds" in page.text
+    assert "; tenant policy v1.</p>" in page.text
