@@ -35,19 +35,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
+from pydantic import Field, field_serializer, model_validator
 
 from catalog.names import AttackName
+from catalog.stored import StoredModel
 
 THRESHOLD_NAMES = ("max_asr", "max_asr_above_baseline", "max_asr_relative_to_reference")
 
 Rate = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
-class Thresholds(BaseModel):
+class Thresholds(StoredModel):
     """The thresholds of one attack (or of every attack, as a policy's ``default``)."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     max_asr: Rate | None = None
     max_asr_above_baseline: Rate | None = None
@@ -56,10 +55,8 @@ class Thresholds(BaseModel):
     max_asr_relative_to_reference: Annotated[float, Field(ge=0.0, le=100.0)] | None = None
 
 
-class Policy(BaseModel):
+class Policy(StoredModel):
     """Confidence and thresholds; see the module docstring for the JSON form."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
 
     confidence: float = Field(0.95, gt=0.5, lt=1.0)
     default: Thresholds = Field(default_factory=Thresholds)

@@ -22,8 +22,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from catalog.stored import IGNORE_NEWER_FIELDS, StoredModel
 from core.verdict import UNION, Verdict
 
 SchemaVersion = Literal["bulwark-audit/1", "bulwark-audit/2", "bulwark-audit/3"]
@@ -32,16 +33,12 @@ READABLE_VERSIONS = ("bulwark-audit/1", "bulwark-audit/2", SCHEMA_VERSION)
 PairSource = Literal["explicit", "closest", "paper", "random"]
 
 
-class _Part(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class MeanStd(_Part):
+class MeanStd(StoredModel):
     mean: float
     std: float
 
 
-class Rate(_Part):
+class Rate(StoredModel):
     """A binomial rate with its 95% Wilson interval."""
 
     successes: int
@@ -50,7 +47,7 @@ class Rate(_Part):
     wilson95: tuple[float, float]
 
 
-class PairChoice(_Part):
+class PairChoice(StoredModel):
     """One (target class, poison class) pair of the audit and the set that chose it.
 
     ``score`` is what ranked it: for ``closest``, the mean probability the clean model gives
@@ -63,7 +60,7 @@ class PairChoice(_Part):
     score: float | None = None
 
 
-class PairResult(_Part):
+class PairResult(StoredModel):
     """One attack's ASR and clean baseline over the instances of one pair."""
 
     target_class: int
@@ -73,7 +70,7 @@ class PairResult(_Part):
     baseline: Rate
 
 
-class InstanceDraw(_Part):
+class InstanceDraw(StoredModel):
     """One instance as drawn: a test-set target and the training-set indices of its bases."""
 
     target_index: int
@@ -85,7 +82,7 @@ class InstanceDraw(_Part):
     clean_correct: bool | None = None
 
 
-class InstanceResult(_Part):
+class InstanceResult(StoredModel):
     """One instance under one attack: poisoned and baseline re-training, and how close it got."""
 
     instance: int
@@ -108,7 +105,7 @@ class InstanceResult(_Part):
     baseline_re_acc: float
 
 
-class BaselineResult(_Part):
+class BaselineResult(StoredModel):
     """The same re-training with the unperturbed bases in place of the poisons."""
 
     successes: int
@@ -117,7 +114,7 @@ class BaselineResult(_Part):
     re_acc: MeanStd
 
 
-class AttackResult(_Part):
+class AttackResult(StoredModel):
     attack: str
     poisons_per_instance: int
     instances: int
@@ -176,7 +173,7 @@ class AttackResult(_Part):
         return self.unreached > 0
 
 
-class UnionResult(_Part):
+class UnionResult(StoredModel):
     """The worst case over the audit's attacks: an instance is lost if any attack wins it.
 
     ``asr`` is the headline (targets the clean model classifies correctly), ``asr_all`` over
@@ -200,7 +197,7 @@ class UnionResult(_Part):
         return self.baseline
 
 
-class ModelFacts(_Part):
+class ModelFacts(StoredModel):
     path: str
     arch: str
     feature_dim: int
@@ -210,7 +207,7 @@ class ModelFacts(_Part):
     weights_sha256: str | None
 
 
-class DatasetFacts(_Part):
+class DatasetFacts(StoredModel):
     name: str
     classes: list[str]
     split: dict[str, int]
@@ -219,7 +216,7 @@ class DatasetFacts(_Part):
     eval_images: int
 
 
-class ScreenFacts(_Part):
+class ScreenFacts(StoredModel):
     """The Eq. 4a/4b feature-space screen (``core.screen``)."""
 
     separation: float
@@ -230,7 +227,7 @@ class ScreenFacts(_Part):
     delta: float
 
 
-class ReferenceFacts(_Part):
+class ReferenceFacts(StoredModel):
     """The undefended reference audited on the same instances as the model."""
 
     model: ModelFacts
@@ -242,7 +239,7 @@ class ReferenceFacts(_Part):
     union: UnionResult | None = None
 
 
-class Comparison(_Part):
+class Comparison(StoredModel):
     """One attack on the model and on the reference: the headline pair and its difference.
 
     Both rates are the headline (correctly classified targets of each model); ``difference``
@@ -256,7 +253,7 @@ class Comparison(_Part):
     difference95: tuple[float, float]
 
 
-class BudgetPoint(_Part):
+class BudgetPoint(StoredModel):
     """One attacker budget and what the curve's attack achieved with it."""
 
     delta: float  # l_inf budget in [0,1] pixels
@@ -266,7 +263,7 @@ class BudgetPoint(_Part):
     reference: Rate | None = None  # the same on the reference, where the audit has one
 
 
-class BudgetCurve(_Part):
+class BudgetCurve(StoredModel):
     """ASR as the attacker's budget moves: a sweep of delta (at the audit's poisons) and a
     sweep of poisons per instance (at the audit's delta), for one attack."""
 
@@ -275,7 +272,7 @@ class BudgetCurve(_Part):
     poisons_points: list[BudgetPoint]
 
 
-class SequentialFacts(_Part):
+class SequentialFacts(StoredModel):
     """How a sequential audit ran: the rounds crafted, why it stopped, the work it took.
 
     Work counts poison forward-backward passes through the extractor (instances x poisons x
@@ -298,7 +295,7 @@ class SequentialFacts(_Part):
         return self.crafting_work / self.crafting_work_full if self.crafting_work_full else 1.0
 
 
-class AuditReport(_Part):
+class AuditReport(StoredModel):
     """An audit's full result: the protocol it ran, per-attack ASR, and every instance."""
 
     schema_version: SchemaVersion = SCHEMA_VERSION
@@ -339,13 +336,21 @@ class AuditReport(_Part):
         partial.replace(path)
 
 
-def read_report(source: Path | str | dict[str, Any]) -> AuditReport:
-    """A report from a file, a JSON string or a parsed dict (schema /1 or /2)."""
+def read_report(
+    source: Path | str | dict[str, Any], *, newer_fields: Literal["refuse", "ignore"] = "refuse"
+) -> AuditReport:
+    """A report from a file, a JSON string or a parsed dict (schema /1, /2 or /3).
+
+    A field this version does not know is refused (a ``pydantic.ValidationError``), unless
+    ``newer_fields`` is ``ignore``: then it is dropped at any level, as the API does with the
+    reports its workers stored (a worker newer than the API, during a rolling deploy, writes
+    fields the API cannot show; ``catalog.stored``)."""
+    context = IGNORE_NEWER_FIELDS if newer_fields == "ignore" else None
     if isinstance(source, Path):
         source = source.read_text()
     if isinstance(source, str):
-        return AuditReport.model_validate_json(source)
-    return AuditReport.model_validate(source)
+        return AuditReport.model_validate_json(source, context=context)
+    return AuditReport.model_validate(source, context=context)
 
 
 # ---- rendering: every table of a report goes through these -----------------------------------

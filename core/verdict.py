@@ -50,9 +50,8 @@ from collections.abc import Mapping
 from statistics import NormalDist
 from typing import TYPE_CHECKING, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict
-
 from catalog.policy import DEFAULT_POLICY, Policy
+from catalog.stored import StoredModel
 
 if TYPE_CHECKING:
     from core.report import AttackResult, AuditReport, Rate, UnionResult
@@ -133,11 +132,7 @@ def one_sided_z(confidence: float) -> float:
     return NormalDist().inv_cdf(confidence)
 
 
-class _Part(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class Check(_Part):
+class Check(StoredModel):
     """One attack against one threshold: the observed value, its bounds and the outcome.
 
     ``None`` is unbounded: a reference ratio over a reference rate that may be 0.
@@ -155,7 +150,7 @@ class Check(_Part):
     note: str | None = None
 
 
-class Verdict(_Part):
+class Verdict(StoredModel):
     """The audit's outcome under a policy, the sentence that explains it and every check."""
 
     outcome: Outcome

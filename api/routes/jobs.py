@@ -26,7 +26,7 @@ from catalog import JobKindName
 from common.models import JobStatus
 from common.signing import sign_report
 from common.specs import AuditJobCreate, PretrainJobCreate
-from core.report import AuditReport
+from core.report import read_report
 from core.verdict import Outcome
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -222,7 +222,7 @@ def get_report(
 ) -> ReportPublic:
     """The audit's report, with the deployment's signature over its ``body``."""
     report = job_service.get_report(session=session, tenant=tenant, job_id=job_id)
-    body = AuditReport.model_validate(report.body)
+    body = read_report(report.body, newer_fields="ignore")
     # Signed as served: the body's JSON form is what the client holds and checks.
     signature = sign_report(body.model_dump(mode="json"), key)
     return ReportPublic(

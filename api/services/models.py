@@ -569,7 +569,7 @@ def model_card(*, session: Session, model: StoredModel) -> str:
     with one entry per audit) and a markdown body (provenance, recipe, every audit's protocol,
     ASR table and verdict)."""
     reports = [
-        (row, read_report(row.body))
+        (row, read_report(row.body, newer_fields="ignore"))
         for row in session.scalars(
             select(Report)
             .join(Job, Job.id == Report.job_id)

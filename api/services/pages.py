@@ -15,7 +15,7 @@ from api.errors import NotFoundError
 from api.services.jobs import get_report
 from common.artifacts import ArtifactNotFoundError, ArtifactStore
 from common.models import Tenant
-from core.report import AuditReport
+from core.report import AuditReport, read_report
 from core.report_page import asr_chart_svg, budget_chart_svg, render_report_html
 
 
@@ -26,9 +26,8 @@ def poisons_key(job_id: uuid.UUID, attack: str) -> str:
 def audit_report(*, session: Session, tenant: Tenant, job_id: uuid.UUID) -> AuditReport:
     """The tenant's finished audit report (404 for another tenant's job or a job kind without
     reports, 409 while it has none yet: ``api.services.jobs.get_report``)."""
-    return AuditReport.model_validate(
-        get_report(session=session, tenant=tenant, job_id=job_id).body
-    )
+    stored = get_report(session=session, tenant=tenant, job_id=job_id)
+    return read_report(stored.body, newer_fields="ignore")
 
 
 def _stored_png(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from PIL import Image
 from report_fixtures import full_report
 from servicekit import add_model_row, problem
@@ -215,3 +216,59 @@ def test_the_budget_curve_chart_is_served_to_its_tenant_only(
     missing = client.get(f"/v1/jobs/{plain}/pictures/budget.svg", headers=owner.headers)
     assert missing.status_code == 404
     assert "has no budget curve" in missing.text, missing.text
+
+
+def test_a_report_with_fields_this_api_does_not_know_is_served_without_them(
+    client, make_tenant, clean_db
+) -> None:
+    """A rolling deploy: a worker newer than the API stored a report with fields the API's
+    models lack (at the top, in an attack, in the verdict's checks and policy). The report,
+    its page, its chart and the model card are served with what the API knows, not a 500; the
+    fields it knows are read as strictly as ever (core.report.read_report refuses the body)."""
+    from pydantic import ValidationError
+
+    from core.report import read_report
+
+    owner = make_tenant("owner")
+    model_id = add_model_row(clean_db, owner.id)
+    job = client.post(
+        "/v1/jobs/audit",
+        headers=owner.headers,
+        json={"model_id": str(model_id), "dataset": "digits"},
+    )
+    assert job.status_code == 202, job.text
+    job_id = job.json()["id"]
+    body = full_report().model_dump(mode="json")
+    body["model"]["path"] = f"/v1/models/{model_id}"
+    body["added_later"] = {"anything": [1, 2]}
+    body["attacks"]["fc"]["new_statistic"] = 0.5
+    body["verdict"]["checks"][0]["new_note"] = "x"
+    body["verdict"]["policy"]["default"]["max_new_threshold"] = 0.1
+    with pytest.raises(ValidationError, match="added_later"):
+        read_report(body)
+    with Session(clean_db) as session:
+        session.add(
+            Report(tenant_id=owner.id, job_id=uuid.UUID(job_id), model_id=model_id, body=body)
+        )
+        session.commit()
+    base = f"/v1/jobs/{job_id}"
+
+    report = client.get(f"{base}/report", headers=owner.headers)
+    assert report.status_code == 200, report.text
+    served = report.json()["body"]
+    assert "added_later" not in served and "new_statistic" not in served["attacks"]["fc"]
+    assert served["attacks"]["fc"]["asr"] == body["attacks"]["fc"]["asr"]
+    assert served["verdict"]["outcome"] == body["verdict"]["outcome"]
+    page = client.get(f"{base}/report.html", headers=owner.headers)
+    assert page.status_code == 200 and "<h2>Verdict</h2>" in page.text
+    chart = client.get(f"{base}/pictures/asr.svg", headers=owner.headers)
+    assert chart.status_code == 200 and "<svg" in chart.text
+    card = client.get(f"/v1/models/{model_id}/card", headers=owner.headers)
+    assert card.status_code == 200, card.text
+    assert f"Audit job `{job_id}`" in card.text
+
+    # A value of a known field that does not validate is still an error (the API's 500 path
+    # is not widened beyond fields it does not know).
+    body["attacks"]["fc"]["asr"] = "not a rate"
+    with pytest.raises(ValidationError, match="asr"):
+        read_report(body, newer_fields="ignore")
