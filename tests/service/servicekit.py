@@ -164,6 +164,35 @@ def add_model_row(db: Engine, tenant_id: uuid.UUID, **fields: Any) -> uuid.UUID:
         return model.id
 
 
+def submit_audit_job(db: Engine, client: Any, tenant: Any) -> tuple[uuid.UUID, str]:
+    """A model row of ``tenant`` and an audit of it submitted over HTTP (queued, never run):
+    (model id, job id), for tests that then store the job's report as a worker would."""
+    model_id = add_model_row(db, tenant.id)
+    job = client.post(
+        "/v1/jobs/audit",
+        headers=tenant.headers,
+        json={"model_id": str(model_id), "dataset": "digits"},
+    )
+    assert job.status_code == 202, job.text
+    job_id: str = job.json()["id"]
+    return model_id, job_id
+
+
+def add_report_row(
+    db: Engine, tenant_id: uuid.UUID, job_id: str, model_id: uuid.UUID, body: dict[str, Any]
+) -> None:
+    """The report row a worker writes when the audit ``job_id`` finishes."""
+    from sqlalchemy.orm import Session
+
+    from common.models import Report
+
+    with Session(db) as session:
+        session.add(
+            Report(tenant_id=tenant_id, job_id=uuid.UUID(job_id), model_id=model_id, body=body)
+        )
+        session.commit()
+
+
 PROBLEM_MEMBERS = ("type", "title", "status", "detail", "instance")
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import uuid
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 from typing import Any
@@ -13,10 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from report_fixtures import full_report
-from servicekit import add_model_row, problem
-from sqlalchemy.orm import Session
+from servicekit import add_model_row, add_report_row, problem, submit_audit_job
 
-from common.models import Report
 from core.pictures import poison_grid_png
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -53,14 +50,7 @@ def attack(name: str, asr: float) -> dict[str, Any]:
 
 def add_finished_audit(db: Any, client: Any, tenant: Any, store: Any, tmp_path: Path) -> str:
     """An audit job, its report row and its stored poison grids, as the worker leaves them."""
-    model_id = add_model_row(db, tenant.id)
-    job = client.post(
-        "/v1/jobs/audit",
-        headers=tenant.headers,
-        json={"model_id": str(model_id), "dataset": "digits"},
-    )
-    assert job.status_code == 202, job.text
-    job_id = job.json()["id"]
+    model_id, job_id = submit_audit_job(db, client, tenant)
     stored = []
     for name in ("fc", "cp"):
         key = f"reports/{job_id}/poisons/{name}.png"
@@ -101,11 +91,7 @@ def add_finished_audit(db: Any, client: Any, tenant: Any, store: Any, tmp_path: 
         "versions": {},
         "stored_artifacts": stored,  # bp has no picture
     }
-    with Session(db) as session:
-        session.add(
-            Report(tenant_id=tenant.id, job_id=uuid.UUID(job_id), model_id=model_id, body=body)
-        )
-        session.commit()
+    add_report_row(db, tenant.id, job_id, model_id, body)
     return job_id
 
 
@@ -170,25 +156,9 @@ def test_the_budget_curve_chart_is_served_to_its_tenant_only(
     client, app, make_tenant, clean_db, tmp_path: Path
 ) -> None:
     owner, other = make_tenant("owner"), make_tenant("other")
-    model_id = add_model_row(clean_db, owner.id)
-    job = client.post(
-        "/v1/jobs/audit",
-        headers=owner.headers,
-        json={"model_id": str(model_id), "dataset": "digits"},
-    )
-    assert job.status_code == 202, job.text
-    job_id = job.json()["id"]
+    model_id, job_id = submit_audit_job(clean_db, client, owner)
     report = full_report(path=f"/v1/models/{model_id}")
-    with Session(clean_db) as session:
-        session.add(
-            Report(
-                tenant_id=owner.id,
-                job_id=uuid.UUID(job_id),
-                model_id=model_id,
-                body=report.model_dump(mode="json"),
-            )
-        )
-        session.commit()
+    add_report_row(clean_db, owner.id, job_id, model_id, report.model_dump(mode="json"))
     base = f"/v1/jobs/{job_id}"
 
     chart = client.get(f"{base}/pictures/budget.svg", headers=owner.headers)
@@ -230,14 +200,7 @@ def test_a_report_with_fields_this_api_does_not_know_is_served_without_them(
     from core.report import read_report
 
     owner = make_tenant("owner")
-    model_id = add_model_row(clean_db, owner.id)
-    job = client.post(
-        "/v1/jobs/audit",
-        headers=owner.headers,
-        json={"model_id": str(model_id), "dataset": "digits"},
-    )
-    assert job.status_code == 202, job.text
-    job_id = job.json()["id"]
+    model_id, job_id = submit_audit_job(clean_db, client, owner)
     body = full_report().model_dump(mode="json")
     body["model"]["path"] = f"/v1/models/{model_id}"
     body["added_later"] = {"anything": [1, 2]}
@@ -246,11 +209,7 @@ def test_a_report_with_fields_this_api_does_not_know_is_served_without_them(
     body["verdict"]["policy"]["default"]["max_new_threshold"] = 0.1
     with pytest.raises(ValidationError, match="added_later"):
         read_report(body)
-    with Session(clean_db) as session:
-        session.add(
-            Report(tenant_id=owner.id, job_id=uuid.UUID(job_id), model_id=model_id, body=body)
-        )
-        session.commit()
+    add_report_row(clean_db, owner.id, job_id, model_id, body)
     base = f"/v1/jobs/{job_id}"
 
     report = client.get(f"{base}/report", headers=owner.headers)

@@ -8,11 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from servicekit import add_model_row
-from sqlalchemy.orm import Session
+from servicekit import add_report_row, submit_audit_job
 
 from bulwark.cli import main
-from common.models import Report
 from common.signing import SigningKeyError
 
 
@@ -101,24 +99,8 @@ def report_body(model_id: uuid.UUID) -> dict[str, Any]:
 
 def add_report(db: Any, client: Any, tenant: Any) -> str:
     """An audit job of ``tenant`` (submitted over HTTP) and its report row, as a worker writes."""
-    model_id = add_model_row(db, tenant.id)
-    job = client.post(
-        "/v1/jobs/audit",
-        headers=tenant.headers,
-        json={"model_id": str(model_id), "dataset": "digits"},
-    )
-    assert job.status_code == 202, job.text
-    job_id = job.json()["id"]
-    with Session(db) as session:
-        session.add(
-            Report(
-                tenant_id=tenant.id,
-                job_id=uuid.UUID(job_id),
-                model_id=model_id,
-                body=report_body(model_id),
-            )
-        )
-        session.commit()
+    model_id, job_id = submit_audit_job(db, client, tenant)
+    add_report_row(db, tenant.id, job_id, model_id, report_body(model_id))
     return job_id
 
 
